@@ -1,0 +1,11 @@
+"""Test-wide setup.
+
+Triton kernels run on the CPU only through its interpreter, which must be chosen before
+`triton` is first imported; setting it here makes every test see the same mode.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
