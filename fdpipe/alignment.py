@@ -1,0 +1,302 @@
+"""The f-DPG training loop, independent of what the policy is.
+
+`Aligner` composes the pieces — a policy and a frozen base (`fdpipe.policy.CausalPolicy`),
+a reward function, a `fdpipe.targets.Target`, the estimators and the update of
+`fdpipe.fdpg` — into one step:
+
+1. draw ``samples_per_prompt`` completions for ``prompts_per_step`` prompts from the
+   proposal ``q`` (the policy itself, or a frozen copy of it with ``proposal: offline``);
+2. score them: reward → ``log P = log a + log_potential``;
+3. training forward of the policy: ``log π_θ`` (and per-token entropy and KL to the base);
+4. ``log Ẑ(c)`` per prompt from the weights ``P/q`` (pooled over steps for repeated prompts);
+5. pseudo-rewards ``−f′(π_θ/p)``, baseline, surrogate loss, optimiser step;
+6. metrics (see `STEP_METRICS`); with an offline proposal, ``q`` is replaced by the policy
+   when the policy is estimated to be closer to ``p`` (``E_p[log q − log π_θ] < 0``).
+
+The language-model stage (`fdpipe.align`) and the exact toy space (`fdpipe.toy`) both run
+this class; only the policy, the reward function and the prompts differ.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import kernels
+
+from . import divergences, estimators, fdpg
+from .errors import ConfigError
+from .policy import CausalPolicy, Samples
+from .targets import Target, fit_lambda
+
+STEP_METRICS = {
+    "objective": "importance-sampling estimate of D_f(π‖p) for the run's divergence",
+    "loss": "surrogate loss whose gradient is the f-DPG gradient estimate",
+    "pseudo_reward_mean": "mean of −f′(π/p) over the batch",
+    "pseudo_reward_std": "standard deviation of −f′(π/p)",
+    "log_z": "mean over the batch's prompts of the log Z(c) estimate",
+    "kl_p_pi": "KL(p‖π) by importance sampling",
+    "kl_pi_p": "KL(π‖p) by importance sampling",
+    "js": "Jensen–Shannon divergence between π and p by importance sampling",
+    "tv": "total variation distance between π and p by importance sampling",
+    "chi2": "Pearson χ² divergence D_chi2(π‖p) by importance sampling",
+    "rchi2": "Neyman χ² divergence D_rchi2(π‖p) by importance sampling",
+    "kl_pi_a": "KL(π‖a), sequence-level Monte-Carlo estimate",
+    "kl_pi_a_tokens": "KL(π‖a) as the sum over completion tokens of the exact per-token KL over the vocabulary",
+    "reward_mean": "mean proxy reward of the policy's samples",
+    "gold_mean": "mean gold reward of the policy's samples (when a gold scorer is given)",
+    "constraint": "E_π[b] (pointwise), E_π[φ] (distributional) or E_π[r] (rlhf)",
+    "entropy_per_token": "mean per-token entropy of π on its completions",
+    "completion_length": "mean completion length in tokens",
+    "logprob_gap": "largest |log π at sampling − log π in the training forward| (on-policy only)",
+    "grad_norm": "gradient norm before clipping",
+    "lambda": "λ of a distributional target",
+    "proposal_replaced": "1 when the offline proposal was replaced by the policy at this step",
+    "time_sample_s": "seconds spent sampling",
+    "time_score_s": "seconds spent computing rewards and base log-probabilities",
+    "time_train_s": "seconds spent in the policy forward, backward and optimiser step",
+    "time_step_s": "seconds for the whole step",
+}
+
+
+@dataclass
+class AlignConfig:
+    """Hyperparameters of one f-DPG run (``alignment.runs.<name>`` in the config)."""
+
+    divergence: str = "rkl"
+    steps: int = 50
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    lr: float = 1e-5
+    baseline: str = "loo"
+    proposal: str = "online"          # online | offline
+    grad_clip: float = 1.0
+    fit_samples: int = 256            # samples of a used to fit λ of a distributional target
+    fit_tolerance: float = 1e-4
+
+    @classmethod
+    def from_config(cls, cfg: dict, key: str) -> "AlignConfig":
+        known = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__}
+        out = cls(**known)
+        if out.divergence not in divergences.NAMES:
+            raise ConfigError(f"{key}.divergence", f"one of {', '.join(divergences.NAMES)}", out.divergence)
+        if out.baseline not in fdpg.BASELINES:
+            raise ConfigError(f"{key}.baseline", f"one of {', '.join(fdpg.BASELINES)}", out.baseline)
+        if out.proposal not in ("online", "offline"):
+            raise ConfigError(f"{key}.proposal", "online or offline", out.proposal)
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "fit_samples"):
+            if int(getattr(out, name)) < 1:
+                raise ConfigError(f"{key}.{name}", "a positive integer", getattr(out, name))
+        if not out.lr > 0:
+            raise ConfigError(f"{key}.lr", "a positive number", out.lr)
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PromptCycle:
+    """Seeded, endless pass over a fixed list of prompts (reshuffled every epoch)."""
+
+    def __init__(self, keys: list, token_lists: list[list[int]], seed: int):
+        if not keys:
+            raise ValueError("no prompts to train on")
+        self.keys, self.tokens = list(keys), list(token_lists)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    def next_batch(self, n: int) -> tuple[list, list[list[int]]]:
+        picked = []
+        while len(picked) < n:
+            if not self._order:
+                self._order = torch.randperm(len(self.keys), generator=self.generator).tolist()
+            picked.append(self._order.pop())
+        return [self.keys[i] for i in picked], [self.tokens[i] for i in picked]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": list(self._order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order = list(state["order"])
+
+
+class Aligner:
+    """One f-DPG run: call `step()` repeatedly; `state_dict()` makes it resumable.
+
+    Args:
+        policy: the policy π_θ being trained (its trainable parameters are optimised).
+        base: the frozen base ``a`` (the SFT model).
+        reward_fn: ``Samples → tensor [B]`` of rewards (proxy reward model, or a table).
+        target: the target EBM; a distributional target is fitted on first use.
+        prompts: a `PromptCycle` (or anything with ``next_batch(n)``).
+        cfg: `AlignConfig`.
+        generator: torch generator for sampling (on the policy's device).
+        gold_fn: optional ``Samples → tensor [B]`` gold reward, only reported.
+    """
+
+    def __init__(self, policy: CausalPolicy, base: CausalPolicy, reward_fn, target: Target, prompts,
+                 cfg: AlignConfig, *, generator: torch.Generator, gold_fn=None):
+        self.policy, self.base, self.reward_fn, self.target = policy, base, reward_fn, target
+        self.prompts, self.cfg, self.generator, self.gold_fn = prompts, cfg, generator, gold_fn
+        self.optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=cfg.lr)
+        self.log_z = estimators.RunningLogZ()
+        self.proposal = self._frozen_copy(policy) if cfg.proposal == "offline" else None
+        self.step_count = 0
+        self.lambda_fit = None
+
+    @staticmethod
+    def _frozen_copy(policy: CausalPolicy) -> CausalPolicy:
+        clone = copy.copy(policy)
+        clone.model = copy.deepcopy(policy.model).eval()
+        for p in clone.model.parameters():
+            p.requires_grad_(False)
+        return clone
+
+    # ------------------------------------------------------------------ target
+    def prepare_target(self) -> None:
+        """Fit λ of a distributional target on samples of the base (self-normalised IS)."""
+        if self.target.kind != "distributional" or self.target.lam is not None:
+            return
+        cfg = self.cfg
+        phis = []
+        remaining = cfg.fit_samples
+        while remaining > 0:
+            n_prompts = min(cfg.prompts_per_step, math.ceil(remaining / cfg.samples_per_prompt))
+            keys, tokens = self.prompts.next_batch(n_prompts)
+            samples = self.base.sample(tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
+            phis.append(self.target.constraint(self.reward_fn(samples).double()))
+            remaining -= len(samples)
+        phi = torch.cat(phis)
+        self.lambda_fit = fit_lambda(phi, torch.zeros_like(phi), self.target.moment, tol=cfg.fit_tolerance)
+        self.target.lam = self.lambda_fit.lam
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> dict:
+        cfg, policy = self.cfg, self.policy
+        self.prepare_target()
+        t_start = time.perf_counter()
+        keys, prompt_tokens = self.prompts.next_batch(cfg.prompts_per_step)
+        sampler = self.proposal if self.proposal is not None else policy
+        samples = sampler.sample(prompt_tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
+        group, n_groups = samples.prompt_index, samples.num_prompts
+        t_sampled = time.perf_counter()
+
+        reward = self.reward_fn(samples).to(torch.float64)
+        with torch.no_grad():
+            base_out = self.base.score(samples, keep_logits=True)
+        log_a = base_out.logprobs.double()
+        log_target = log_a + self.target.log_potential(reward).to(log_a.device)
+        t_scored = time.perf_counter()
+
+        policy.model.train()
+        scores = policy.score(samples, with_entropy=True, keep_logits=True)
+        log_pi = scores.logprobs
+        log_pi_d = log_pi.detach().double()
+        on_policy = self.proposal is None
+        log_q = log_pi_d if on_policy else samples.sample_logprobs.double()
+        log_w_pi = log_pi_d - log_q                      # log π/q (0 on-policy)
+        weights = None if on_policy else torch.exp(log_w_pi)
+
+        log_z = self.log_z.update(samples.prompt_keys, log_target - log_q)
+        rewards = fdpg.pseudo_rewards(cfg.divergence, log_pi_d, log_target, log_z)
+        advantages = rewards - fdpg.baseline(rewards, group, n_groups, cfg.baseline)
+        loss = fdpg.surrogate_loss(log_pi, advantages, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        t_trained = time.perf_counter()
+
+        metrics = self._metrics(samples, reward, log_pi_d, log_a, log_target, log_q, log_z, rewards, loss,
+                                grad_norm, scores, base_out)
+        replaced = 0.0
+        if not on_policy:
+            replaced = float(self._maybe_replace_proposal(log_pi_d, log_target, log_q, group, n_groups))
+        metrics.update(proposal_replaced=replaced, time_sample_s=t_sampled - t_start,
+                       time_score_s=t_scored - t_sampled, time_train_s=t_trained - t_scored,
+                       time_step_s=time.perf_counter() - t_start)
+        self.step_count += 1
+        metrics["step"] = self.step_count
+        self.last_samples = samples
+        return metrics
+
+    def _metrics(self, samples: Samples, reward, log_pi, log_a, log_target, log_q, log_z, rewards, loss,
+                 grad_norm, scores, base_out) -> dict:
+        group, n_groups = samples.prompt_index, samples.num_prompts
+        est = estimators.importance_divergences(log_pi, log_target, log_q, group, n_groups, log_z=log_z)
+        w = torch.exp(log_pi - log_q)                    # π/q: 1 on-policy
+        w_norm = w / w.mean()
+        n_tokens = samples.completion_mask[:, 1:].sum().clamp(min=1)
+        with torch.no_grad():
+            tok_div = kernels.token_divergences(scores.logits.detach(), base_out.logits,
+                                                mask=samples.completion_mask[:, 1:])
+        on_policy = self.proposal is None
+        gap = (samples.sample_logprobs.double() - log_pi).abs().max() if on_policy else torch.tensor(math.nan)
+        out = {
+            "objective": est[self.cfg.divergence].value,
+            "loss": float(loss.detach()),
+            "pseudo_reward_mean": float(rewards.mean()),
+            "pseudo_reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "log_z": float(estimators.group_mean(log_z, group, n_groups).mean()),
+            "kl_p_pi": est["fkl"].value, "kl_p_pi_se": est["fkl"].stderr,
+            "kl_pi_p": est["rkl"].value, "kl_pi_p_se": est["rkl"].stderr,
+            "js": est["js"].value, "tv": est["tv"].value, "chi2": est["chi2"].value, "rchi2": est["rchi2"].value,
+            "kl_pi_a": float((w_norm * (log_pi - log_a)).mean()),
+            "kl_pi_a_tokens": float((w_norm * tok_div.kl_pi_ref.double().sum(-1)).mean()),
+            "reward_mean": float((w_norm * reward).mean()),
+            "constraint": float((w_norm * self.target.constraint(reward)).mean()),
+            "entropy_per_token": float(scores.entropy.detach().sum() / n_tokens),
+            "completion_length": float(samples.lengths().double().mean()),
+            "logprob_gap": float(gap),
+            "grad_norm": float(grad_norm),
+            "lambda": float(self.target.lam) if self.target.lam is not None else math.nan,
+        }
+        if self.gold_fn is not None:
+            out["gold_mean"] = float((w_norm.cpu() * self.gold_fn(samples).double().cpu()).mean())
+        return out
+
+    def _maybe_replace_proposal(self, log_pi, log_target, log_q, group, n_groups) -> bool:
+        """Replace q by π_θ when ``E_p[log q − log π_θ] < 0`` (self-normalised per prompt)."""
+        log_w = log_target - log_q
+        log_norm = estimators.group_logsumexp(log_w, group, n_groups)[group]
+        p_weights = torch.exp(log_w - log_norm)            # sums to 1 within each prompt
+        gain = torch.zeros(n_groups, dtype=torch.float64, device=log_pi.device).index_add_(
+            0, group, p_weights * (log_q - log_pi)).mean()
+        if gain < 0:
+            self.proposal = self._frozen_copy(self.policy)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_count,
+            "policy": {k: v for k, v in self.policy.model.state_dict().items()},
+            "proposal": self.proposal.model.state_dict() if self.proposal is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "log_z": self.log_z.state_dict(),
+            "lambda": self.target.lam,
+            "prompts": self.prompts.state_dict() if hasattr(self.prompts, "state_dict") else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.policy.model.load_state_dict(state["policy"])
+        if state.get("proposal") is not None:
+            if self.proposal is None:
+                self.proposal = self._frozen_copy(self.policy)
+            self.proposal.model.load_state_dict(state["proposal"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.log_z.load_state_dict(state["log_z"])
+        self.target.lam = state["lambda"]
+        if state.get("prompts") is not None and hasattr(self.prompts, "load_state_dict"):
+            self.prompts.load_state_dict(state["prompts"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])

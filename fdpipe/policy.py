@@ -1,0 +1,205 @@
+"""An autoregressive policy: ancestral sampling and sequence log-probabilities.
+
+`CausalPolicy` wraps any module that maps token ids ``[B, T]`` to an output with
+``.logits`` ``[B, T, V]`` — a Hugging Face causal LM or the enumerable toy model of
+`fdpipe.toy` — so the alignment loop runs the same code on both. Every log-probability
+goes through the public functions of `kernels`.
+
+Conventions
+-----------
+* Prompts are padded on the left, completions on the right; position ids come from the
+  attention mask so that padding never shifts a token's position.
+* A completion ends with its EOS token (included and scored) or at ``max_new_tokens``.
+* Sampling is pure ancestral sampling (temperature 1, no top-k/top-p), so the recorded
+  log-probabilities are the policy's true probabilities of the sampled sequences.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+
+
+@dataclass
+class Samples:
+    """A batch of sampled completions with everything needed to score and train on them."""
+
+    input_ids: torch.Tensor          # [B, T] prompt (left-padded) + completion (right-padded)
+    attention_mask: torch.Tensor     # [B, T] 1 on real tokens
+    completion_mask: torch.Tensor    # [B, T] bool, True on completion tokens (EOS included)
+    prompt_index: torch.Tensor       # [B] index of the prompt within the batch (groups for Z)
+    prompt_keys: list                # [B] stable identifier of each sample's prompt
+    sample_logprobs: torch.Tensor    # [B] log π(x|c) recorded while sampling
+    prompt_length: int               # T_prompt: completions start at this column
+    texts: list | None = None        # decoded prompt + completion, when a tokenizer is known
+    completions: list | None = None  # decoded completion only
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.prompt_index.max().item()) + 1 if len(self) else 0
+
+    def completion_ids(self) -> list[list[int]]:
+        """Completion token ids of each sample (EOS included when generated)."""
+        out = []
+        for row, mask in zip(self.input_ids.tolist(), self.completion_mask.tolist()):
+            out.append([t for t, m in zip(row, mask) if m])
+        return out
+
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: 0 at each sequence's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids [B, T], mask [B, T])``."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class SequenceScores:
+    """Per-sequence outputs of a training forward pass."""
+
+    logprobs: torch.Tensor          # [B] Σ log π over completion tokens (differentiable)
+    token_logprobs: torch.Tensor    # [B, T-1] per-token log π (0 off the completion)
+    entropy: torch.Tensor | None    # [B, T-1] per-token entropy (0 off the completion)
+    logits: torch.Tensor | None     # [B, T-1, V] when asked for
+
+
+class CausalPolicy:
+    """Sampling and scoring for a causal LM.
+
+    Args:
+        model: module called as ``model(input_ids=..., attention_mask=..., position_ids=...,
+            past_key_values=..., use_cache=...)`` returning an object with ``.logits`` (and
+            ``.past_key_values`` when it supports incremental decoding).
+        eos_token_id: token that ends a completion.
+        pad_token_id: token used for padding (never scored).
+        max_new_tokens: longest completion.
+        tokenizer: optional, to decode texts.
+    """
+
+    def __init__(self, model, *, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
+                 tokenizer=None):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model = model
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.max_new_tokens = int(max_new_tokens)
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _call(self, input_ids, attention_mask, position_ids, past=None, use_cache=False):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past, use_cache=use_cache)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], num_samples: int, *, generator: torch.Generator,
+               prompt_keys: list | None = None) -> Samples:
+        """Draw `num_samples` completions for each prompt (token lists) by ancestral sampling."""
+        device = self.device
+        repeated = [p for p in prompts for _ in range(num_samples)]
+        keys = list(prompt_keys) if prompt_keys is not None else list(range(len(prompts)))
+        sample_keys = [k for k in keys for _ in range(num_samples)]
+        prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
+        ids, attn = left_pad(repeated, self.pad_token_id, device)
+        batch, prompt_len = ids.shape
+        positions = position_ids_from_mask(attn)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        total = torch.zeros(batch, dtype=torch.float32, device=device)
+        new_tokens, new_mask = [], []
+        was_training = self.model.training
+        self.model.eval()
+        past, step_ids, step_pos = None, ids, positions
+        try:
+            for _ in range(self.max_new_tokens):
+                out = self._call(step_ids, attn, step_pos, past=past, use_cache=True)
+                logits = out.logits[:, -1, :]
+                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                token = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+                token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
+                lp = kernels.token_logprobs(logits, token)
+                total = total + torch.where(finished, torch.zeros_like(lp), lp)
+                new_tokens.append(token)
+                new_mask.append(~finished)
+                attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
+                next_pos = positions[:, -1:] + 1
+                positions = torch.cat([positions, next_pos], dim=1)
+                finished = finished | (token == self.eos_token_id)
+                past = getattr(out, "past_key_values", None)
+                if past is not None:
+                    step_ids, step_pos = token[:, None], next_pos
+                else:
+                    step_ids = torch.cat([ids] + [t[:, None] for t in new_tokens], dim=1)
+                    step_pos = positions
+                if bool(finished.all()):
+                    break
+        finally:
+            self.model.train(was_training)
+        completion = torch.stack(new_tokens, dim=1)
+        cmask = torch.stack(new_mask, dim=1)
+        input_ids = torch.cat([ids, completion], dim=1)
+        completion_mask = torch.cat([torch.zeros_like(ids, dtype=torch.bool), cmask], dim=1)
+        samples = Samples(input_ids=input_ids, attention_mask=attn, completion_mask=completion_mask,
+                          prompt_index=prompt_index, prompt_keys=sample_keys, sample_logprobs=total,
+                          prompt_length=prompt_len)
+        if self.tokenizer is not None:
+            self.decode(samples)
+        return samples
+
+    def decode(self, samples: Samples) -> Samples:
+        """Fill `samples.texts` (prompt + completion) and `samples.completions`, EOS stripped."""
+        tok = self.tokenizer
+        texts, completions = [], []
+        for row, amask, cmask in zip(samples.input_ids.tolist(), samples.attention_mask.tolist(),
+                                     samples.completion_mask.tolist()):
+            prompt = [t for t, a, c in zip(row, amask, cmask) if a and not c]
+            comp = [t for t, c in zip(row, cmask) if c and t != self.eos_token_id]
+            completions.append(tok.decode(comp, skip_special_tokens=True))
+            texts.append(tok.decode(prompt + comp, skip_special_tokens=True))
+        samples.texts, samples.completions = texts, completions
+        return samples
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, samples: Samples, *, with_entropy: bool = False, keep_logits: bool = False) -> SequenceScores:
+        """Log-probabilities of the completions (differentiable when grad is enabled)."""
+        out = self._call(samples.input_ids, samples.attention_mask,
+                         position_ids_from_mask(samples.attention_mask))
+        logits = out.logits[:, :-1, :]
+        targets = samples.input_ids[:, 1:]
+        mask = samples.completion_mask[:, 1:]
+        masked_targets = torch.where(mask, targets, torch.full_like(targets, -100))
+        if with_entropy:
+            tok_lp, entropy = kernels.token_logprobs(logits, masked_targets, with_entropy=True)
+            entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
+        else:
+            tok_lp, entropy = kernels.token_logprobs(logits, masked_targets), None
+        return SequenceScores(logprobs=tok_lp.sum(-1), token_logprobs=tok_lp, entropy=entropy,
+                              logits=logits if keep_logits else None)

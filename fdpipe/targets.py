@@ -1,0 +1,128 @@
+"""Targets of f-DPG: energy-based models ``P(x|c) = a(x|c) · exp(log_potential(x))``.
+
+The normalised target is ``p(x|c) = P(x|c) / Z(c)``. Every kind is defined from a scalar
+score ``r(x)`` (the proxy reward of the language-model pipeline, a table in the toy space):
+
+* ``rlhf``: ``P = a · exp(r/β)``, the optimum of KL-regularised reward maximisation;
+* ``pointwise`` (GDC): ``P = a · b`` with ``b(x) = 1[r(x) ≥ threshold]``. A hard zero makes
+  every divergence whose ``f`` grows faster than linearly infinite at ``π = a``, so ``b`` is
+  floored at ``epsilon`` (``epsilon = 0`` gives the hard constraint);
+* ``distributional`` (GDC): ``P = a · exp(λ·φ(x))`` with ``φ(x) = 1[r(x) ≥ threshold]``
+  (``feature: indicator``) or ``φ(x) = r(x)`` (``feature: reward``), and ``λ`` fitted so that
+  ``E_p[φ] = moment`` (see `fit_lambda`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+KINDS = ("rlhf", "pointwise", "distributional")
+FEATURES = ("indicator", "reward")
+
+
+@dataclass
+class Target:
+    kind: str
+    beta: float = 1.0
+    threshold: float = 0.0
+    epsilon: float = 1e-3
+    feature: str = "indicator"
+    moment: float = 0.5
+    lam: float | None = None   # fitted λ for `distributional`
+
+    @classmethod
+    def from_config(cls, cfg: dict, key: str = "target") -> "Target":
+        """Build from a config mapping; errors name ``<key>.<field>``."""
+        kind = cfg.get("kind")
+        if kind not in KINDS:
+            raise ConfigError(f"{key}.kind", f"one of {', '.join(KINDS)}", kind)
+        target = cls(kind=kind, beta=float(cfg.get("beta", 1.0)), threshold=float(cfg.get("threshold", 0.0)),
+                     epsilon=float(cfg.get("epsilon", 1e-3)), feature=cfg.get("feature", "indicator"),
+                     moment=float(cfg.get("moment", 0.5)), lam=cfg.get("lambda"))
+        if kind == "rlhf" and not target.beta > 0:
+            raise ConfigError(f"{key}.beta", "a positive number", target.beta)
+        if kind == "pointwise" and not 0 <= target.epsilon < 1:
+            raise ConfigError(f"{key}.epsilon", "a number in [0, 1)", target.epsilon)
+        if kind == "distributional":
+            if target.feature not in FEATURES:
+                raise ConfigError(f"{key}.feature", f"one of {', '.join(FEATURES)}", target.feature)
+            if target.feature == "indicator" and not 0 < target.moment < 1:
+                raise ConfigError(f"{key}.moment", "a fraction strictly between 0 and 1", target.moment)
+        return target
+
+    # ------------------------------------------------------------------ scores
+    def constraint(self, reward: torch.Tensor) -> torch.Tensor:
+        """``b(x)`` (pointwise), ``φ(x)`` (distributional) or the reward itself (rlhf)."""
+        if self.kind == "rlhf":
+            return reward
+        if self.kind == "distributional" and self.feature == "reward":
+            return reward
+        return (reward >= self.threshold).to(reward.dtype)
+
+    def log_potential(self, reward: torch.Tensor) -> torch.Tensor:
+        """``log P(x|c) − log a(x|c)``."""
+        if self.kind == "rlhf":
+            return reward / self.beta
+        if self.kind == "pointwise":
+            floor = math.log(self.epsilon) if self.epsilon > 0 else -math.inf
+            return torch.where(reward >= self.threshold, torch.zeros_like(reward), torch.full_like(reward, floor))
+        if self.lam is None:
+            raise RuntimeError("distributional target used before its λ was fitted (call fit_lambda)")
+        return self.lam * self.constraint(reward)
+
+    def describe(self) -> str:
+        if self.kind == "rlhf":
+            return f"rlhf(beta={self.beta:g})"
+        if self.kind == "pointwise":
+            return f"pointwise(r>={self.threshold:g}, eps={self.epsilon:g})"
+        lam = "unfitted" if self.lam is None else f"{self.lam:.4g}"
+        return f"distributional({self.feature}, moment={self.moment:g}, lambda={lam})"
+
+
+@dataclass
+class LambdaFit:
+    lam: float
+    moment: float          # E_p[φ] under the fitted λ, on the fitting samples
+    error: float           # |moment − requested|
+    iterations: int
+
+
+def fit_lambda(phi: torch.Tensor, log_weights: torch.Tensor, moment: float, *, tol: float = 1e-4,
+               max_iter: int = 100) -> LambdaFit:
+    """Fit ``λ`` so that ``E_{p_λ}[φ] = moment`` with ``p_λ ∝ w · exp(λφ)`` on given points.
+
+    ``phi`` are the features of points ``x_i`` and ``log_weights`` their log-weights: zeros for
+    samples drawn from ``a`` (self-normalised importance sampling), or ``log a(x)`` for an
+    enumeration of the whole space (exact). Newton's method on the convex dual
+    ``log Σ w e^{λφ} − λ·moment``, whose gradient is the moment error and whose curvature is
+    the variance of φ under ``p_λ``; steps are halved until the dual decreases.
+    """
+    phi = phi.detach().double().reshape(-1)
+    logw = log_weights.detach().double().reshape(-1)
+    lo, hi = phi[logw > -math.inf].min().item(), phi[logw > -math.inf].max().item()
+    if not lo < moment < hi:
+        raise ValueError(f"moment {moment} is not reachable: the features of the fitting samples lie in "
+                         f"[{lo:g}, {hi:g}]; use more samples or a moment strictly inside that range")
+
+    def dual(lam):
+        return torch.logsumexp(logw + lam * phi, 0).item() - lam * moment
+
+    lam, err, it = 0.0, math.inf, 0
+    for it in range(1, max_iter + 1):
+        w = torch.softmax(logw + lam * phi, 0)
+        mean = (w * phi).sum().item()
+        err = mean - moment
+        if abs(err) < tol:
+            break
+        var = max((w * (phi - mean) ** 2).sum().item(), 1e-12)
+        step, current = err / var, dual(lam)
+        while dual(lam - step) > current and abs(step) > 1e-12:
+            step /= 2
+        lam -= step
+    w = torch.softmax(logw + lam * phi, 0)
+    mean = (w * phi).sum().item()
+    return LambdaFit(lam=lam, moment=mean, error=abs(mean - moment), iterations=it)
