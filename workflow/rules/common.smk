@@ -1,0 +1,30 @@
+# Config validation, shared helpers and wildcard constraints.
+import os
+
+from fdpipe.config import merged_run_config, validate_config
+
+# Fills in the schema's defaults; a bad value stops here with one line naming the key.
+validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+
+
+def run_names():
+    """Names of the alignment runs (alignment.runs)."""
+    return list(config["alignment"]["runs"])
+
+
+def run_config(run):
+    """alignment.defaults merged with alignment.runs.<run>: everything one align job reads."""
+    return merged_run_config(config["alignment"], run)
+
+
+def get_final_output():
+    return [
+        "results/report/summary.parquet",
+        "results/report/curves.parquet",
+        "results/report/frontier.png",
+        "results/report/curves.png",
+    ]
+
+
+wildcard_constraints:
+    run="|".join(run_names()),

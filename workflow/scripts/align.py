@@ -1,0 +1,19 @@
+"""Rule align: thin entry point around fdpipe.align.run."""
+from fdpipe import align
+from fdpipe.runtime import setup_logging
+
+setup_logging(snakemake.log[0])
+align.run(
+    sft_model=snakemake.input.sft,
+    reward_model=snakemake.input.reward,
+    prompts_path=snakemake.input.prompts,
+    run_name=snakemake.wildcards.run,
+    run_cfg=snakemake.params.run_cfg,
+    seed=snakemake.params.seed,
+    out_model=snakemake.output.model,
+    out_metrics=snakemake.output.metrics,
+    out_target=snakemake.output.target,
+    state_path=snakemake.params.state,
+    device=snakemake.params.device,
+    threads=snakemake.threads,
+)
