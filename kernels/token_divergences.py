@@ -1,0 +1,243 @@
+"""Per-token divergences between two models' token distributions: Triton kernels.
+
+With a = logits / T, b = ref_logits / T, pi = softmax(a), ref = softmax(b), one program per
+row computes
+
+- pass 1, one read of both rows: the running maxima and sums of both softmaxes and the two
+  KL divergences through an online recurrence. With reference points c_a, c_b (the running
+  maxima) the kernel keeps S_a = sum exp(a - c_a), S_b likewise, and
+  D_ab = sum exp(a - c_a) ((a - c_a) - (b - c_b)), D_ba symmetrically; when a maximum moves
+  the sums are rescaled and re-centred. At the end
+  KL(pi||ref) = D_ab / S_a - log S_a + log S_b and KL(ref||pi) = D_ba / S_b - log S_b + log S_a.
+- pass 2, once both log-sum-exps are known: Jensen-Shannon with m = (pi + ref) / 2,
+  JS = (KL(pi||m) + KL(ref||m)) / 2, and TV = sum |pi - ref| / 2; it also stores
+  KL(pi||m) and sum pi sign(pi - ref), which the backward needs.
+
+The backward (gradient to `logits` only; `ref_logits` is a constant) reads both rows once:
+
+    dKL(pi||ref)/da_i = pi_i (log pi_i - log ref_i - KL(pi||ref))
+    dKL(ref||pi)/da_i = pi_i - ref_i
+    dJS/da_i          = pi_i (log(pi_i/m_i) - KL(pi||m)) / 2
+    dTV/da_i          = pi_i (sign(pi_i - ref_i) - sum_j pi_j sign(pi_j - ref_j)) / 2
+
+each times its upstream gradient, all divided by T. Terms with pi_i = 0 are exact zeros.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from .backend import tl, triton, use_triton
+from .reference import TokenDivergences
+from .token_logprobs import as_rows, upstream
+
+MAX_BLOCK = 2048  # two rows are streamed at once, so half the token_logprobs block
+LOG2 = math.log(2.0)
+
+
+@triton.jit
+def _online_update(c, s, x_max):
+    """New finite reference point and the factor that rescales the old sum onto it."""
+    c_new = tl.maximum(c, x_max)
+    c_new = tl.where(c_new == float("-inf"), 0.0, c_new)
+    scale = tl.where(s > 0, tl.exp(c - c_new), 0.0)
+    return c_new, scale
+
+
+@triton.jit
+def _divergences_fwd_kernel(
+    x_ptr, x_row_stride, y_ptr, y_row_stride, mask_ptr,
+    kl_xy_ptr, kl_yx_ptr, js_ptr, tv_ptr, lse_x_ptr, lse_y_ptr, kl_xm_ptr, sign_ptr,
+    n_cols, temperature,
+    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            tl.store(kl_xy_ptr + row, 0.0)
+            tl.store(kl_yx_ptr + row, 0.0)
+            tl.store(js_ptr + row, 0.0)
+            tl.store(tv_ptr + row, 0.0)
+            tl.store(lse_x_ptr + row, 0.0)
+            tl.store(lse_y_ptr + row, 0.0)
+            tl.store(kl_xm_ptr + row, 0.0)
+            tl.store(sign_ptr + row, 0.0)
+            return
+    x_row = x_ptr + row * x_row_stride
+    y_row = y_ptr + row * y_row_stride
+    # Pass 1: both softmax normalisers and both KLs, online.
+    c_x = float("-inf")
+    c_y = float("-inf")
+    s_x = 0.0
+    s_y = 0.0
+    d_xy = 0.0
+    d_yx = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+        y = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+        c_x_new, scale_x = _online_update(c_x, s_x, tl.max(x, axis=0))
+        c_y_new, scale_y = _online_update(c_y, s_y, tl.max(y, axis=0))
+        # re-centre the old D sums on the new reference points before adding the block
+        move = tl.where(s_x > 0, c_x - c_x_new, 0.0) - tl.where(s_y > 0, c_y - c_y_new, 0.0)
+        d_xy = tl.where(s_x > 0, scale_x * (d_xy + s_x * move), 0.0)
+        d_yx = tl.where(s_y > 0, scale_y * (d_yx - s_y * move), 0.0)
+        sx = x - c_x_new
+        sy = y - c_y_new
+        ex = tl.exp(sx)
+        ey = tl.exp(sy)
+        d_xy += tl.sum(tl.where(ex > 0, ex * (sx - sy), 0.0), axis=0)
+        d_yx += tl.sum(tl.where(ey > 0, ey * (sy - sx), 0.0), axis=0)
+        s_x = s_x * scale_x + tl.sum(ex, axis=0)
+        s_y = s_y * scale_y + tl.sum(ey, axis=0)
+        c_x = c_x_new
+        c_y = c_y_new
+    log_s_x = tl.log(s_x)
+    log_s_y = tl.log(s_y)
+    lse_x = c_x + log_s_x
+    lse_y = c_y + log_s_y
+    tl.store(kl_xy_ptr + row, d_xy / s_x - log_s_x + log_s_y)
+    tl.store(kl_yx_ptr + row, d_yx / s_y - log_s_y + log_s_x)
+    tl.store(lse_x_ptr + row, lse_x)
+    tl.store(lse_y_ptr + row, lse_y)
+    # Pass 2: JS and TV need both normalised distributions.
+    kl_xm = 0.0
+    kl_ym = 0.0
+    tv = 0.0
+    sign_sum = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        lp = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature - lse_x
+        lq = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature - lse_y
+        p = tl.exp(lp)
+        q = tl.exp(lq)
+        hi = tl.maximum(lp, lq)
+        hi = tl.where(hi == float("-inf"), 0.0, hi)
+        lm = hi + tl.log(tl.exp(lp - hi) + tl.exp(lq - hi)) - 0.6931471805599453  # log((p + q) / 2)
+        kl_xm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
+        kl_ym += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
+        tv += tl.sum(tl.abs(p - q), axis=0)
+        sign_sum += tl.sum(tl.where(p > q, p, tl.where(p < q, -p, 0.0)), axis=0)
+    tl.store(js_ptr + row, 0.5 * (kl_xm + kl_ym))
+    tl.store(tv_ptr + row, 0.5 * tv)
+    tl.store(kl_xm_ptr + row, kl_xm)
+    tl.store(sign_ptr + row, sign_sum)
+
+
+@triton.jit
+def _divergences_bwd_kernel(
+    x_ptr, x_row_stride, y_ptr, y_row_stride, mask_ptr,
+    lse_x_ptr, lse_y_ptr, kl_xy_ptr, kl_xm_ptr, sign_ptr,
+    g_kl_xy_ptr, g_kl_yx_ptr, g_js_ptr, g_tv_ptr,
+    grad_ptr, grad_row_stride, n_cols, temperature,
+    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    out_ptr = grad_ptr + row * grad_row_stride
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                tl.store(out_ptr + cols, 0.0, mask=cols < n_cols)
+            return
+    x_row = x_ptr + row * x_row_stride
+    y_row = y_ptr + row * y_row_stride
+    lse_x = tl.load(lse_x_ptr + row)
+    lse_y = tl.load(lse_y_ptr + row)
+    kl_xy = tl.load(kl_xy_ptr + row)
+    kl_xm = tl.load(kl_xm_ptr + row)
+    sign_sum = tl.load(sign_ptr + row)
+    g_kl_xy = tl.load(g_kl_xy_ptr + row)
+    g_kl_yx = tl.load(g_kl_yx_ptr + row)
+    g_js = tl.load(g_js_ptr + row)
+    g_tv = tl.load(g_tv_ptr + row)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        lp = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature - lse_x
+        lq = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature - lse_y
+        p = tl.exp(lp)
+        q = tl.exp(lq)
+        hi = tl.maximum(lp, lq)
+        hi = tl.where(hi == float("-inf"), 0.0, hi)
+        lm = hi + tl.log(tl.exp(lp - hi) + tl.exp(lq - hi)) - 0.6931471805599453
+        sign = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+        weighted = g_kl_xy * (lp - lq - kl_xy) + 0.5 * g_js * (lp - lm - kl_xm) + 0.5 * g_tv * (sign - sign_sum)
+        grad = tl.where(p > 0, p * weighted, 0.0) + g_kl_yx * (p - q)
+        tl.store(out_ptr + cols, (grad / temperature).to(grad_ptr.dtype.element_ty), mask=inside)
+
+
+def _block_and_warps(n_cols: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1)))
+    return block, (4 if block <= 1024 else 8)
+
+
+def _row_flags(mask, n_rows, device):
+    """Mask as one uint8 per row (a dummy pointer when there is no mask)."""
+    if mask is None:
+        return torch.empty(1, dtype=torch.uint8, device=device), False
+    return mask.reshape(-1).to(torch.uint8).contiguous(), True
+
+
+class TokenDivergencesFn(torch.autograd.Function):
+    """logits [N, V], ref_logits [N, V], row flags -> four float32 [N]; gradient to logits."""
+
+    @staticmethod
+    def forward(ctx, x, y, flags, has_mask, temperature):
+        n_rows, n_cols = x.shape
+        out = torch.empty((8, n_rows), dtype=torch.float32, device=x.device)
+        kl_xy, kl_yx, js, tv, lse_x, lse_y, kl_xm, sign_sum = out.unbind(0)
+        if n_rows:
+            block, warps = _block_and_warps(n_cols)
+            _divergences_fwd_kernel[(n_rows,)](
+                x, x.stride(0), y, y.stride(0), flags,
+                kl_xy, kl_yx, js, tv, lse_x, lse_y, kl_xm, sign_sum,
+                n_cols, temperature, HAS_MASK=has_mask, BLOCK=block, num_warps=warps,
+            )
+        ctx.save_for_backward(x, y, flags, lse_x, lse_y, kl_xy, kl_xm, sign_sum)
+        ctx.args = (has_mask, temperature)
+        return kl_xy, kl_yx, js, tv
+
+    @staticmethod
+    def backward(ctx, g_kl_xy, g_kl_yx, g_js, g_tv):
+        x, y, flags, lse_x, lse_y, kl_xy, kl_xm, sign_sum = ctx.saved_tensors
+        has_mask, temperature = ctx.args
+        n_rows, n_cols = x.shape
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if n_rows:
+            block, warps = _block_and_warps(n_cols)
+            _divergences_bwd_kernel[(n_rows,)](
+                x, x.stride(0), y, y.stride(0), flags,
+                lse_x, lse_y, kl_xy, kl_xm, sign_sum,
+                upstream(g_kl_xy), upstream(g_kl_yx), upstream(g_js), upstream(g_tv),
+                grad, grad.stride(0), n_cols, temperature,
+                HAS_MASK=has_mask, BLOCK=block, num_warps=warps,
+            )
+        return grad, None, None, None, None
+
+
+def token_divergences_triton(logits, ref_logits, *, temperature=1.0, mask=None):
+    """The Triton path of `token_divergences` (same contract)."""
+    reference.check_divergence_args(logits, ref_logits, mask)
+    temperature = reference.check_temperature(temperature)
+    lead = logits.shape[:-1]
+    x = as_rows(logits)
+    flags, has_mask = _row_flags(mask, x.shape[0], logits.device)
+    outs = TokenDivergencesFn.apply(x, as_rows(ref_logits.detach()), flags, has_mask, temperature)
+    return TokenDivergences(*(v.reshape(lead) for v in outs))
+
+
+def token_divergences(logits, ref_logits, *, temperature=1.0, mask=None):
+    """Per-token KL(pi||ref), KL(ref||pi), Jensen-Shannon and total variation (natural log).
+
+    pi = softmax(logits / T), ref = softmax(ref_logits / T), both [..., V]; mask [...] bool
+    (True = compute) or None. Returns a `TokenDivergences` of float32 [...] tensors; rows
+    where mask is False are exact zeros with zero gradient. Gradient flows to `logits` only.
+    """
+    if use_triton(logits, ref_logits):
+        return token_divergences_triton(logits, ref_logits, temperature=temperature, mask=mask)
+    return reference.token_divergences(logits, ref_logits, temperature=temperature, mask=mask)
