@@ -35,13 +35,13 @@ class LinearTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, chunk):
         n_rows = hidden.shape[0]
         logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(logp)
+        lse = torch.empty((2, n_rows), dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n_rows if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         for start in range(0, n_rows, chunk):
             end = min(start + chunk, n_rows)
             logits = _chunk_logits(hidden, weight, bias, start, end)
             forward_rows(logits, targets[start:end], temperature, ignore_index, with_entropy,
-                         logp[start:end], lse[start:end], entropy[start:end] if with_entropy else entropy)
+                         logp[start:end], lse[:, start:end], entropy[start:end] if with_entropy else entropy)
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.args = (temperature, ignore_index, with_entropy, chunk)
@@ -66,7 +66,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             logits = _chunk_logits(hidden, weight, bias, start, end)
             grad_logits = buffer[: end - start]
             backward_rows(
-                logits, targets[start:end], lse[start:end], entropy[start:end] if with_entropy else entropy,
+                logits, targets[start:end], lse[:, start:end], entropy[start:end] if with_entropy else entropy,
                 g_logp[start:end], g_ent[start:end] if with_entropy else None,
                 temperature, ignore_index, with_entropy, grad_logits,
             )

@@ -9,7 +9,8 @@ row computes
   D_ab = sum exp(a - c_a) ((a - c_a) - (b - c_b)), D_ba symmetrically; when a maximum moves
   the sums are rescaled and re-centred. At the end
   KL(pi||ref) = D_ab / S_a - log S_a + log S_b and KL(ref||pi) = D_ba / S_b - log S_b + log S_a.
-- pass 2, once both log-sum-exps are known: Jensen-Shannon with m = (pi + ref) / 2,
+- pass 2, once both log-sum-exps are known (kept split as max and log-sum, so that
+  log pi_i = (a_i - c_a) - log S_a stays exact for large logits): Jensen-Shannon with m = (pi + ref) / 2,
   JS = (KL(pi||m) + KL(ref||m)) / 2, and TV = sum |pi - ref| / 2; it also stores
   KL(pi||m) and sum pi sign(pi - ref), which the backward needs.
 
@@ -49,8 +50,8 @@ def _online_update(c, s, x_max):
 @triton.jit
 def _divergences_fwd_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, mask_ptr,
-    kl_xy_ptr, kl_yx_ptr, js_ptr, tv_ptr, lse_x_ptr, lse_y_ptr, kl_xm_ptr, sign_ptr,
-    n_cols, temperature,
+    kl_xy_ptr, kl_yx_ptr, js_ptr, tv_ptr, max_x_ptr, log_sum_x_ptr, max_y_ptr, log_sum_y_ptr,
+    kl_xm_ptr, sign_ptr, n_cols, temperature,
     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -60,8 +61,10 @@ def _divergences_fwd_kernel(
             tl.store(kl_yx_ptr + row, 0.0)
             tl.store(js_ptr + row, 0.0)
             tl.store(tv_ptr + row, 0.0)
-            tl.store(lse_x_ptr + row, 0.0)
-            tl.store(lse_y_ptr + row, 0.0)
+            tl.store(max_x_ptr + row, 0.0)
+            tl.store(log_sum_x_ptr + row, 0.0)
+            tl.store(max_y_ptr + row, 0.0)
+            tl.store(log_sum_y_ptr + row, 0.0)
             tl.store(kl_xm_ptr + row, 0.0)
             tl.store(sign_ptr + row, 0.0)
             return
@@ -97,12 +100,12 @@ def _divergences_fwd_kernel(
         c_y = c_y_new
     log_s_x = tl.log(s_x)
     log_s_y = tl.log(s_y)
-    lse_x = c_x + log_s_x
-    lse_y = c_y + log_s_y
     tl.store(kl_xy_ptr + row, d_xy / s_x - log_s_x + log_s_y)
     tl.store(kl_yx_ptr + row, d_yx / s_y - log_s_y + log_s_x)
-    tl.store(lse_x_ptr + row, lse_x)
-    tl.store(lse_y_ptr + row, lse_y)
+    tl.store(max_x_ptr + row, c_x)
+    tl.store(log_sum_x_ptr + row, log_s_x)
+    tl.store(max_y_ptr + row, c_y)
+    tl.store(log_sum_y_ptr + row, log_s_y)
     # Pass 2: JS and TV need both normalised distributions.
     kl_xm = 0.0
     kl_ym = 0.0
@@ -111,8 +114,10 @@ def _divergences_fwd_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < n_cols
-        lp = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature - lse_x
-        lq = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature - lse_y
+        x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+        y = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+        lp = (x - c_x) - log_s_x
+        lq = (y - c_y) - log_s_y
         p = tl.exp(lp)
         q = tl.exp(lq)
         hi = tl.maximum(lp, lq)
@@ -131,7 +136,7 @@ def _divergences_fwd_kernel(
 @triton.jit
 def _divergences_bwd_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, mask_ptr,
-    lse_x_ptr, lse_y_ptr, kl_xy_ptr, kl_xm_ptr, sign_ptr,
+    max_x_ptr, log_sum_x_ptr, max_y_ptr, log_sum_y_ptr, kl_xy_ptr, kl_xm_ptr, sign_ptr,
     g_kl_xy_ptr, g_kl_yx_ptr, g_js_ptr, g_tv_ptr,
     grad_ptr, grad_row_stride, n_cols, temperature,
     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
@@ -146,8 +151,10 @@ def _divergences_bwd_kernel(
             return
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * y_row_stride
-    lse_x = tl.load(lse_x_ptr + row)
-    lse_y = tl.load(lse_y_ptr + row)
+    c_x = tl.load(max_x_ptr + row)
+    log_s_x = tl.load(log_sum_x_ptr + row)
+    c_y = tl.load(max_y_ptr + row)
+    log_s_y = tl.load(log_sum_y_ptr + row)
     kl_xy = tl.load(kl_xy_ptr + row)
     kl_xm = tl.load(kl_xm_ptr + row)
     sign_sum = tl.load(sign_ptr + row)
@@ -158,8 +165,10 @@ def _divergences_bwd_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < n_cols
-        lp = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature - lse_x
-        lq = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature - lse_y
+        x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+        y = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+        lp = (x - c_x) - log_s_x
+        lq = (y - c_y) - log_s_y
         p = tl.exp(lp)
         q = tl.exp(lq)
         hi = tl.maximum(lp, lq)
@@ -189,22 +198,22 @@ class TokenDivergencesFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, flags, has_mask, temperature):
         n_rows, n_cols = x.shape
-        out = torch.empty((8, n_rows), dtype=torch.float32, device=x.device)
-        kl_xy, kl_yx, js, tv, lse_x, lse_y, kl_xm, sign_sum = out.unbind(0)
+        out = torch.empty((10, n_rows), dtype=torch.float32, device=x.device)
+        kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum = out.unbind(0)
         if n_rows:
             block, warps = _block_and_warps(n_cols)
             _divergences_fwd_kernel[(n_rows,)](
                 x, x.stride(0), y, y.stride(0), flags,
-                kl_xy, kl_yx, js, tv, lse_x, lse_y, kl_xm, sign_sum,
+                kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum,
                 n_cols, temperature, HAS_MASK=has_mask, BLOCK=block, num_warps=warps,
             )
-        ctx.save_for_backward(x, y, flags, lse_x, lse_y, kl_xy, kl_xm, sign_sum)
+        ctx.save_for_backward(x, y, flags, out[4:8], kl_xy, kl_xm, sign_sum)
         ctx.args = (has_mask, temperature)
         return kl_xy, kl_yx, js, tv
 
     @staticmethod
     def backward(ctx, g_kl_xy, g_kl_yx, g_js, g_tv):
-        x, y, flags, lse_x, lse_y, kl_xy, kl_xm, sign_sum = ctx.saved_tensors
+        x, y, flags, lse, kl_xy, kl_xm, sign_sum = ctx.saved_tensors
         has_mask, temperature = ctx.args
         n_rows, n_cols = x.shape
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -212,7 +221,7 @@ class TokenDivergencesFn(torch.autograd.Function):
             block, warps = _block_and_warps(n_cols)
             _divergences_bwd_kernel[(n_rows,)](
                 x, x.stride(0), y, y.stride(0), flags,
-                lse_x, lse_y, kl_xy, kl_xm, sign_sum,
+                lse[0], lse[1], lse[2], lse[3], kl_xy, kl_xm, sign_sum,
                 upstream(g_kl_xy), upstream(g_kl_yx), upstream(g_js), upstream(g_tv),
                 grad, grad.stride(0), n_cols, temperature,
                 HAS_MASK=has_mask, BLOCK=block, num_warps=warps,

@@ -2,8 +2,10 @@
 
 One program handles one row (token). The forward streams the vocabulary in blocks with an
 online softmax (running max `m`, running sum `s` of exp(x - m), and for the entropy the
-running sum `e` of exp(x - m) * (x - m)), then stores log p(target), the log-sum-exp and the
-entropy. The backward reads the logits once more and writes a fresh gradient buffer:
+running sum `e` of exp(x - m) * (x - m)), then stores log p(target), the entropy and the
+log-sum-exp, the latter kept split as (m, log s) so that log p_i = (x_i - m) - log s stays
+exact for large logits (x - lse would lose the low bits of both). The backward reads the
+logits once more and writes a fresh gradient buffer:
 
     d logp / d x_i    = (1[i = target] - p_i) / T
     d entropy / d x_i = -p_i (log p_i + H) / T
@@ -21,7 +23,7 @@ MAX_BLOCK = 4096
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr, logits_row_stride, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
+    logits_ptr, logits_row_stride, targets_ptr, logp_ptr, max_ptr, log_sum_ptr, entropy_ptr,
     n_cols, ignore_index, temperature,
     WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -29,7 +31,8 @@ def _token_logprobs_fwd_kernel(
     target = tl.load(targets_ptr + row)
     if target == ignore_index:
         tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(max_ptr + row, 0.0)
+        tl.store(log_sum_ptr + row, 0.0)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
         return
@@ -55,14 +58,15 @@ def _token_logprobs_fwd_kernel(
     log_s = tl.log(s)
     x_target = tl.load(row_ptr + target).to(tl.float32) / temperature
     tl.store(logp_ptr + row, (x_target - m_ref) - log_s)
-    tl.store(lse_ptr + row, m_ref + log_s)
+    tl.store(max_ptr + row, m_ref)
+    tl.store(log_sum_ptr + row, log_s)
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, log_s - e / s)
 
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    logits_ptr, logits_row_stride, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    logits_ptr, logits_row_stride, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     grad_ptr, grad_row_stride, n_cols, ignore_index, temperature,
     WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -75,7 +79,8 @@ def _token_logprobs_bwd_kernel(
             tl.store(out_ptr + cols, 0.0, mask=cols < n_cols)
         return
     row_ptr = logits_ptr + row * logits_row_stride
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(max_ptr + row)
+    log_s = tl.load(log_sum_ptr + row)
     g = tl.load(grad_logp_ptr + row)
     if WITH_ENTROPY:
         g_ent = tl.load(grad_entropy_ptr + row)
@@ -83,7 +88,7 @@ def _token_logprobs_bwd_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) / temperature
-        logp = x - lse
+        logp = (x - m) - log_s
         p = tl.exp(logp)
         grad = tl.where(cols == target, g, 0.0) - g * p
         if WITH_ENTROPY:
@@ -98,13 +103,16 @@ def _block_and_warps(n_cols: int) -> tuple[int, int]:
 
 
 def forward_rows(logits, targets, temperature, ignore_index, with_entropy, logp, lse, entropy):
-    """Launch the forward on logits [N, V] (unit column stride) into the float32 buffers."""
+    """Launch the forward on logits [N, V] (unit column stride) into the float32 buffers.
+
+    `lse` is [2, N]: row maximum and log of the shifted sum (log-sum-exp = their sum).
+    """
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
     block, warps = _block_and_warps(n_cols)
     _token_logprobs_fwd_kernel[(n_rows,)](
-        logits, logits.stride(0), targets, logp, lse, entropy if with_entropy else lse,
+        logits, logits.stride(0), targets, logp, lse[0], lse[1], entropy if with_entropy else logp,
         n_cols, ignore_index, temperature,
         WITH_ENTROPY=with_entropy, BLOCK=block, num_warps=warps,
     )
@@ -118,7 +126,7 @@ def backward_rows(logits, targets, lse, entropy, grad_logp, grad_entropy, temper
         return
     block, warps = _block_and_warps(n_cols)
     _token_logprobs_bwd_kernel[(n_rows,)](
-        logits, logits.stride(0), targets, lse, entropy if with_entropy else lse,
+        logits, logits.stride(0), targets, lse[0], lse[1], entropy if with_entropy else grad_logp,
         grad_logp, grad_entropy if with_entropy else grad_logp,
         grad_logits, grad_logits.stride(0), n_cols, ignore_index, temperature,
         WITH_ENTROPY=with_entropy, BLOCK=block, num_warps=warps,
@@ -137,7 +145,7 @@ class TokenLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, temperature, ignore_index, with_entropy):
         n_rows = logits.shape[0]
         logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(logp)
+        lse = torch.empty((2, n_rows), dtype=torch.float32, device=logits.device)
         entropy = torch.empty(n_rows if with_entropy else 0, dtype=torch.float32, device=logits.device)
         forward_rows(logits, targets, temperature, ignore_index, with_entropy, logp, lse, entropy)
         ctx.save_for_backward(logits, targets, lse, entropy)
