@@ -92,7 +92,7 @@ class EvalConfig:
     """The ``evaluation`` config section. Defaults equal those of the config schema."""
 
     samples_per_prompt: int = 4      # completions per held-out prompt
-    max_new_tokens: int = 24         # longest completion
+    max_new_tokens: int = 20         # longest completion (as alignment.defaults)
     max_prompts: int | None = None   # first N held-out prompts (None: all)
     batch_prompts: int = 8           # prompts per sampling/scoring batch
     reward_batch_size: int = 64      # texts per reward-model forward
@@ -386,8 +386,9 @@ def run(policy: str, policy_model, sft_model, reward_model, prompts_path, sample
         "evaluation": dataclasses.asdict(eval_cfg), "policy": policy, "divergence": divergence,
         "target": dataclasses.asdict(target) if target is not None else None,
         "reward_normalized": reward_normalized}
-    meta = provenance(meta_config, seed, stage="evaluate", policy=policy,
-                      columns=SAMPLE_COLUMNS, elapsed_s=round(time.perf_counter() - t0, 2))
+    meta = provenance(meta_config, seed, stage="evaluate", policy=policy, columns=SAMPLE_COLUMNS,
+                      target_spec=dataclasses.asdict(target) if target is not None else None,
+                      elapsed_s=round(time.perf_counter() - t0, 2))
     write_parquet(samples, samples_path, meta)
     write_parquet(summary, summary_path, {**meta, "columns": SUMMARY_COLUMNS})
     by_metric = summary[(summary["policy"] == policy)].set_index("metric")["value"]

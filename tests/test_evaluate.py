@@ -222,3 +222,17 @@ def test_missing_and_bad_inputs(assets, sft_eval, tmp_path):
     with pytest.raises(DataError, match="prompt_id"):
         evaluate.read_prompts(tmp_path / "noid.parquet")
     assert not (tmp_path / "samples.parquet").exists()
+
+
+def test_config_defaults_match_the_schema():
+    import dataclasses
+
+    from fdpipe.config import validate_config
+    from fdpipe.report import ReportConfig
+
+    from pathlib import Path
+
+    config = validate_config({}, Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml")
+    assert dataclasses.asdict(evaluate.EvalConfig.from_dict(config["evaluation"])) == dataclasses.asdict(
+        evaluate.EvalConfig())
+    assert ReportConfig.from_dict(config["report"]) == ReportConfig()

@@ -1,0 +1,49 @@
+# Evaluation: every policy (`sft` and each alignment run) on the held-out prompts.
+# An aligned policy also reads its run's target.json and the SFT samples (for the SFT
+# model's divergences to that target), so the SFT evaluation never depends on a run.
+from fdpipe.config import merged_run_config
+
+
+rule evaluate:
+    input:
+        sft="results/sft/model",
+        reward="results/reward/model",
+        prompts="results/data/prompts_eval.parquet",
+        # [policy model, target.json, SFT samples] of an aligned run; empty for sft
+        aligned=lambda wc: (
+            []
+            if wc.policy == "sft"
+            else [
+                f"results/align/{wc.policy}/model",
+                f"results/align/{wc.policy}/target.json",
+                "results/eval/sft/samples.parquet",
+            ]
+        ),
+    output:
+        samples="results/eval/{policy}/samples.parquet",
+        summary="results/eval/{policy}/summary.parquet",
+    log:
+        "logs/evaluate/{policy}.log",
+    benchmark:
+        "benchmarks/evaluate/{policy}.tsv"
+    wildcard_constraints:
+        policy="|".join(["sft"] + list(config["alignment"]["runs"])),
+    params:
+        evaluation=config["evaluation"],
+        seed=config["seed"],
+        device=config["device"],
+        # the part of the run's config that its evaluation reads (empty for sft)
+        run=lambda wc: (
+            {}
+            if wc.policy == "sft"
+            else {
+                key: value
+                for key, value in merged_run_config(config["alignment"], wc.policy).items()
+                if key in ("divergence", "target")
+            }
+        ),
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
+    script:
+        "../scripts/evaluate.py"
