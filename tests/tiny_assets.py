@@ -1,0 +1,160 @@
+"""Tiny stand-ins for the embedded assets, built offline in well under a second each.
+
+- `rated_sentences` / `write_ratings_csv`: a few hundred synthetic movie-review sentences
+  with a numeric rating (higher = more positive), in the spirit of VADER's data;
+- `build_tiny_lm`: a byte-level BPE tokenizer trained on those sentences (EOS and pad
+  ``<|im_end|>``) and a 2-layer `LlamaForCausalLM`, saved with ``save_pretrained``;
+- `build_fake_vader_sdist`: a tar.gz laid out like the vaderSentiment sdist, with the nested
+  ``additional_resources/hutto_ICWSM_2014.tar.gz`` holding
+  ``movieReviewSnippets_GroundTruth.txt`` (``id<TAB>rating<TAB>text``, CRLF);
+- `build_wheel`: a minimal valid wheel (for fetching from a local package folder).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+EOS = "<|im_end|>"
+
+_SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the script", "the cast",
+             "the ending", "the director", "the soundtrack", "the story"]
+_VERBS = ["is", "was", "feels", "seems", "remains"]
+_WORDS = {  # word -> valence
+    "wonderful": 3.0, "brilliant": 2.8, "moving": 2.0, "charming": 1.8, "good": 1.5,
+    "fine": 0.6, "ordinary": 0.0, "long": -0.4, "dull": -1.8, "clumsy": -1.6,
+    "boring": -2.2, "awful": -3.0, "terrible": -2.9, "pleasant": 1.2, "weak": -1.2,
+}
+_ENDINGS = [".", " and i left early.", " from start to finish.", " for most of its length.",
+            " , as expected.", " but the music helps."]
+
+
+def rated_sentences(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    """`n` distinct synthetic review sentences: columns id (str), text, rating (float)."""
+    rng = np.random.default_rng(seed)
+    words = list(_WORDS)
+    rows, seen = [], set()
+    while len(rows) < n:
+        subject = _SUBJECTS[rng.integers(len(_SUBJECTS))]
+        verb = _VERBS[rng.integers(len(_VERBS))]
+        picked = rng.choice(len(words), size=int(rng.integers(1, 3)), replace=False)
+        adjectives = [words[i] for i in picked]
+        ending = _ENDINGS[rng.integers(len(_ENDINGS))]
+        text = f"{subject} {verb} {' and '.join(adjectives)}{ending}".replace(" ,", ",")
+        text = text[0].upper() + text[1:]
+        if text in seen:
+            continue
+        seen.add(text)
+        rating = float(np.clip(np.mean([_WORDS[a] for a in adjectives]) + rng.normal(0, 0.3),
+                               -3.9, 3.9))
+        rows.append({"id": str(len(rows) + 1), "text": text, "rating": round(rating, 4)})
+    return pd.DataFrame(rows)
+
+
+def write_ratings_csv(path, n: int = 300, seed: int = 0) -> Path:
+    """Write `rated_sentences(n, seed)` as CSV (columns id, text, rating); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rated_sentences(n, seed).to_csv(path, index=False)
+    return path
+
+
+def build_tiny_lm(out_dir, texts=None, hidden: int = 32, layers: int = 2, vocab_size: int = 400,
+                  seed: int = 0) -> Path:
+    """Save a tiny random `LlamaForCausalLM` and its BPE tokenizer into `out_dir`.
+
+    The tokenizer is byte-level BPE trained on `texts` (default: `rated_sentences()`),
+    so any text encodes; ``<|im_end|>`` is its only special token, used as EOS and pad.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    texts = list(rated_sentences()["text"]) if texts is None else list(texts)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=eos_id,
+        eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def ground_truth_text(df: pd.DataFrame) -> str:
+    """VADER's ground-truth format: ``id<TAB>rating<TAB>text`` lines joined by CRLF."""
+    return "\r\n".join(f"{i}\t{r}\t{t}" for i, r, t in zip(df["id"], df["rating"], df["text"]))
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_fake_vader_sdist(path, df: pd.DataFrame | None = None, version: str = "3.3.2",
+                           content: str | None = None) -> Path:
+    """Write a tar.gz with the vaderSentiment sdist's nested layout; return its path.
+
+    The movie-review file holds `content` if given, else `ground_truth_text(df)` (default
+    `rated_sentences(300)`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        content = ground_truth_text(rated_sentences(300) if df is None else df)
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        _add_bytes(tar, "hutto_ICWSM_2014/tweets_GroundTruth.txt", b"1\t0.5\tnot used\r\n")
+        _add_bytes(tar, "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+                   content.encode("utf-8"))
+    root = f"vaderSentiment-{version}"
+    with tarfile.open(path, mode="w:gz") as tar:
+        _add_bytes(tar, f"{root}/setup.py", b"from setuptools import setup\nsetup()\n")
+        _add_bytes(tar, f"{root}/additional_resources/hutto_ICWSM_2014.tar.gz", inner.getvalue())
+    return path
+
+
+def build_wheel(folder, project: str, version: str, files: dict[str, bytes] | None = None) -> Path:
+    """Write a minimal valid pure-Python wheel of `project`; return its path."""
+    dist = project.replace("-", "_")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    info = f"{dist}-{version}.dist-info"
+    entries = dict(files or {})
+    entries[f"{info}/METADATA"] = (f"Metadata-Version: 2.1\nName: {project}\n"
+                                   f"Version: {version}\n").encode()
+    entries[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: tiny_assets\n"
+                                b"Root-Is-Purelib: true\nTag: py3-none-any\n")
+    record = []
+    for name, data in entries.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{info}/RECORD,,")
+    entries[f"{info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, data in entries.items():
+            wheel.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data)
+    return path

@@ -1,0 +1,31 @@
+# Supervised fine-tuning of the base model on the review sentences (results/sft/).
+# The resumable state (results/sft/state.pt) lives outside the model folder, so a killed
+# job resumes instead of restarting; it is removed once the stage has finished.
+from fdpipe.resources import sft_base_input
+
+
+rule sft:
+    input:
+        # the base model folder (embedded or a local path); nothing for an HF name
+        unpack(lambda wc: sft_base_input(config)),
+        train="results/data/sft_train.parquet",
+        val="results/data/sft_val.parquet",
+    output:
+        model=directory("results/sft/model"),
+        metrics="results/sft/metrics.parquet",
+    log:
+        "logs/sft.log",
+    benchmark:
+        "benchmarks/sft.tsv"
+    params:
+        sft=config["sft"],
+        base=config["models"]["base"],
+        seed=config["seed"],
+        device=config["device"],
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/sft.py"

@@ -1,0 +1,11 @@
+"""Rule prepare_data: thin entry point around fdpipe.data.run."""
+from fdpipe import data
+from fdpipe.runtime import setup_logging
+
+setup_logging(snakemake.log[0])
+data.run(
+    snakemake.params.data,
+    snakemake.params.seed,
+    snakemake.input.get("source"),
+    {name: snakemake.output[name] for name in data.OUTPUTS},
+)
