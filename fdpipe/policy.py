@@ -15,6 +15,7 @@ Conventions
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -87,8 +88,8 @@ class CausalPolicy:
 
     Args:
         model: module called as ``model(input_ids=..., attention_mask=..., position_ids=...,
-            past_key_values=..., use_cache=...)`` returning an object with ``.logits`` (and
-            ``.past_key_values`` when it supports incremental decoding).
+            cache=... (or past_key_values=...), use_cache=...)`` returning an object with
+            ``.logits`` (and ``.cache``/``.past_key_values`` when it supports incremental decoding).
         eos_token_id: token that ends a completion.
         pad_token_id: token used for padding (never scored).
         max_new_tokens: longest completion.
@@ -104,6 +105,7 @@ class CausalPolicy:
         self.pad_token_id = int(pad_token_id)
         self.max_new_tokens = int(max_new_tokens)
         self.tokenizer = tokenizer
+        self._cache_kwarg: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -116,8 +118,16 @@ class CausalPolicy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _call(self, input_ids, attention_mask, position_ids, past=None, use_cache=False):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past, use_cache=use_cache)
+        """Forward pass; returns ``(logits, cache)`` (cache is None for models without one)."""
+        if self._cache_kwarg is None:
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, **{self._cache_kwarg: past})
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        return out.logits, cache
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -140,8 +150,8 @@ class CausalPolicy:
         past, step_ids, step_pos = None, ids, positions
         try:
             for _ in range(self.max_new_tokens):
-                out = self._call(step_ids, attn, step_pos, past=past, use_cache=True)
-                logits = out.logits[:, -1, :]
+                logits, past = self._call(step_ids, attn, step_pos, past=past, use_cache=True)
+                logits = logits[:, -1, :]
                 log_probs = torch.log_softmax(logits.float(), dim=-1)
                 token = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
                 token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
@@ -153,7 +163,6 @@ class CausalPolicy:
                 next_pos = positions[:, -1:] + 1
                 positions = torch.cat([positions, next_pos], dim=1)
                 finished = finished | (token == self.eos_token_id)
-                past = getattr(out, "past_key_values", None)
                 if past is not None:
                     step_ids, step_pos = token[:, None], next_pos
                 else:
@@ -190,9 +199,9 @@ class CausalPolicy:
     # ------------------------------------------------------------------ scoring
     def score(self, samples: Samples, *, with_entropy: bool = False, keep_logits: bool = False) -> SequenceScores:
         """Log-probabilities of the completions (differentiable when grad is enabled)."""
-        out = self._call(samples.input_ids, samples.attention_mask,
-                         position_ids_from_mask(samples.attention_mask))
-        logits = out.logits[:, :-1, :]
+        logits, _ = self._call(samples.input_ids, samples.attention_mask,
+                               position_ids_from_mask(samples.attention_mask))
+        logits = logits[:, :-1, :]
         targets = samples.input_ids[:, 1:]
         mask = samples.completion_mask[:, 1:]
         masked_targets = torch.where(mask, targets, torch.full_like(targets, -100))
