@@ -1,11 +1,13 @@
 # fdpipe: data -> SFT -> reward model -> f-DPG alignment -> evaluation -> reports.
 # `snakemake --cores all` runs everything with config/config.yaml; see README.md.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -1,0 +1,127 @@
+"""The whole Snakemake DAG on a tiny configuration, plus config validation and rerun rules."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import tiny_assets
+from fdpipe.io import read_metadata
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "config" / "tiny.yaml"
+
+
+def snakemake(workdir, *args, configfile=TINY, check=True):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(configfile), *args]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "FDPIPE_KERNEL_BACKEND": "torch"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}")
+    return out
+
+
+def planned_jobs(workdir, *args, configfile=TINY) -> dict[str, int]:
+    """Rule -> job count of a dry run."""
+    out = snakemake(workdir, "--dry-run", "--quiet", "rules", *args, configfile=configfile).stdout
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dag")
+    tiny_assets.build_tiny_lm(work / "tiny" / "lm")
+    tiny_assets.write_ratings_csv(work / "tiny" / "reviews.csv", n=300)
+    snakemake(work, "--cores", "2")
+    return work
+
+
+def test_whole_dag_outputs(finished_run):
+    work = finished_run
+    summary = pd.read_parquet(work / "results/report/summary.parquet")
+    assert {"policy", "metric", "value", "ci_low", "ci_high"} <= set(summary.columns)
+    assert set(summary["policy"]) >= {"sft", "rkl", "fkl", "js", "tv", "chi2", "rchi2"}
+    curves = pd.read_parquet(work / "results/report/curves.parquet")
+    assert set(curves["run"]) == {"rkl", "fkl", "js", "tv", "chi2", "rchi2"}
+    for name in ("summary", "curves"):
+        meta = read_metadata(work / f"results/report/{name}.parquet")
+        assert meta["config_hash"] and meta["packages"]["torch"]
+    for png in ("frontier.png", "curves.png"):
+        assert (work / "results/report" / png).stat().st_size > 1000
+    for run in ("rkl", "js", "tv"):
+        metrics = pd.read_parquet(work / f"results/align/{run}/metrics.parquet")
+        assert list(metrics["step"]) == [1, 2]
+        assert metrics["logprob_gap"].iloc[0] < 1e-3 or run == "tv"   # tv samples from an offline proposal
+    js_target = (work / "results/align/js/target.json").read_text()
+    assert '"lambda": null' not in js_target
+    pq.read_table(work / "results/eval/rkl/samples.parquet")
+
+
+def test_saved_models_reload(finished_run):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    for path in ("results/sft/model", "results/align/rkl/model"):
+        AutoModelForCausalLM.from_pretrained(finished_run / path)
+    AutoModelForSequenceClassification.from_pretrained(finished_run / "results/reward/model")
+
+
+def test_nothing_left_to_do(finished_run):
+    assert planned_jobs(finished_run) == {}
+
+
+def test_one_run_change_reruns_only_that_run(finished_run, tmp_path):
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(TINY.read_text().replace("rkl: {divergence: rkl}", "rkl: {divergence: rkl, lr: 0.5}"))
+    assert planned_jobs(finished_run, configfile=changed) == {"align": 1, "evaluate": 1, "report": 1, "all": 1}
+
+
+def test_sft_change_reruns_everything_downstream(finished_run, tmp_path):
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(TINY.read_text().replace("  steps: 4\n  batch_size: 8\n  lr: 1.0e-3",
+                                                "  steps: 5\n  batch_size: 8\n  lr: 1.0e-3", 1))
+    jobs = planned_jobs(finished_run, configfile=changed)
+    assert jobs == {"sft": 1, "align": 6, "evaluate": 7, "report": 1, "all": 1}
+
+
+def test_bad_config_value_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("lr: 1.0e-3\n    train_layers", "lr: -1\n    train_layers"))
+    out = snakemake(tmp_path, "--dry-run", configfile=bad, check=False)
+    assert out.returncode != 0
+    assert "config key 'alignment.defaults.lr': expected a value > 0, got -1" in out.stdout + out.stderr
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    tiny_assets.build_tiny_lm(tmp_path / "tiny" / "lm")
+    out = snakemake(tmp_path, "--cores", "1", "results/data/sft_train.parquet", check=False)
+    assert out.returncode != 0
+    assert "tiny/reviews.csv" in out.stdout + out.stderr
+    assert not (tmp_path / "results" / "data").exists() or not any((tmp_path / "results" / "data").iterdir())
+
+
+def test_empty_dataset_stops_without_outputs(tmp_path):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "reviews.csv").write_text("id,text,rating\n")
+    out = snakemake(tmp_path, "--cores", "1", "results/data/sft_train.parquet", check=False)
+    assert out.returncode != 0
+    assert "reviews.csv" in out.stdout + out.stderr
+    data_dir = tmp_path / "results" / "data"
+    assert not data_dir.exists() or not any(data_dir.iterdir())
+
+
+def test_lint_is_clean():
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "Lints for" not in out.stdout + out.stderr, out.stdout + out.stderr
