@@ -157,6 +157,7 @@ def fetch(resources_cfg: dict, key: str) -> Path:
             log.info("%s already present with the expected sha256; nothing to fetch", path)
             return path
         log.warning("%s has sha256 %s, expected %s; fetching it again", path, found, expected)
+        hint = f"the file there has sha256 {found}; {hint}"
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{filename}.", dir=path.parent) as tmp:

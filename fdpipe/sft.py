@@ -356,7 +356,7 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
         scheduler.step()
         seconds = time.perf_counter() - t0
         done = step + 1
-        value = float(loss)
+        value = loss.detach().item()
         record(done, "train", {"loss": value, "perplexity": math.exp(min(value, 50.0)),
                                "tokens_per_s": int(batch["attention_mask"].sum()) / seconds,
                                "lr": lr, "grad_norm": float(grad_norm)})
