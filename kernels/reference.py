@@ -68,7 +68,9 @@ def _masked_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def _token_logprobs_2d(x, t, keep, temperature, with_entropy):
     """Core on a [N, V] compute-dtype tensor; returns (logp [N], entropy [N] or None)."""
-    x = _masked_rows(x, keep) / temperature
+    x = _masked_rows(x, keep)
+    if temperature != 1.0:
+        x = x / temperature
     logp_all = torch.log_softmax(x, dim=-1)
     safe_t = torch.where(keep, t, torch.zeros_like(t))
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -261,8 +263,10 @@ def token_divergences(logits, ref_logits, *, temperature=1.0, mask=None, out_dty
     x = logits.reshape(-1, vocab).to(cdt)
     y = ref_logits.detach().reshape(-1, vocab).to(cdt)
     keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
-    lp = torch.log_softmax(_masked_rows(x, keep) / temperature, dim=-1)
-    lq = torch.log_softmax(_masked_rows(y, keep) / temperature, dim=-1)
+    x, y = _masked_rows(x, keep), _masked_rows(y, keep)
+    if temperature != 1.0:
+        x, y = x / temperature, y / temperature
+    lp, lq = torch.log_softmax(x, dim=-1), torch.log_softmax(y, dim=-1)
     p, q = lp.exp(), lq.exp()
     zero = torch.zeros((), dtype=cdt, device=x.device)
     on_p, on_q = lp > float("-inf"), lq > float("-inf")

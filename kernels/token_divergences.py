@@ -52,22 +52,21 @@ def _divergences_fwd_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, mask_ptr,
     kl_xy_ptr, kl_yx_ptr, js_ptr, tv_ptr, max_x_ptr, log_sum_x_ptr, max_y_ptr, log_sum_y_ptr,
     kl_xm_ptr, sign_ptr, n_cols, temperature,
-    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if HAS_MASK:
-        if tl.load(mask_ptr + row) == 0:
-            tl.store(kl_xy_ptr + row, 0.0)
-            tl.store(kl_yx_ptr + row, 0.0)
-            tl.store(js_ptr + row, 0.0)
-            tl.store(tv_ptr + row, 0.0)
-            tl.store(max_x_ptr + row, 0.0)
-            tl.store(log_sum_x_ptr + row, 0.0)
-            tl.store(max_y_ptr + row, 0.0)
-            tl.store(log_sum_y_ptr + row, 0.0)
-            tl.store(kl_xm_ptr + row, 0.0)
-            tl.store(sign_ptr + row, 0.0)
-            return
+    if tl.load(mask_ptr + row) == 0:
+        tl.store(kl_xy_ptr + row, 0.0)
+        tl.store(kl_yx_ptr + row, 0.0)
+        tl.store(js_ptr + row, 0.0)
+        tl.store(tv_ptr + row, 0.0)
+        tl.store(max_x_ptr + row, 0.0)
+        tl.store(log_sum_x_ptr + row, 0.0)
+        tl.store(max_y_ptr + row, 0.0)
+        tl.store(log_sum_y_ptr + row, 0.0)
+        tl.store(kl_xm_ptr + row, 0.0)
+        tl.store(sign_ptr + row, 0.0)
+        return
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * y_row_stride
     # Pass 1: both softmax normalisers and both KLs, online.
@@ -139,16 +138,15 @@ def _divergences_bwd_kernel(
     max_x_ptr, log_sum_x_ptr, max_y_ptr, log_sum_y_ptr, kl_xy_ptr, kl_xm_ptr, sign_ptr,
     g_kl_xy_ptr, g_kl_yx_ptr, g_js_ptr, g_tv_ptr,
     grad_ptr, grad_row_stride, n_cols, temperature,
-    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     out_ptr = grad_ptr + row * grad_row_stride
-    if HAS_MASK:
-        if tl.load(mask_ptr + row) == 0:
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                tl.store(out_ptr + cols, 0.0, mask=cols < n_cols)
-            return
+    if tl.load(mask_ptr + row) == 0:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(out_ptr + cols, 0.0, mask=cols < n_cols)
+        return
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * y_row_stride
     c_x = tl.load(max_x_ptr + row)
@@ -186,17 +184,17 @@ def _block_and_warps(n_cols: int) -> tuple[int, int]:
 
 
 def _row_flags(mask, n_rows, device):
-    """Mask as one uint8 per row (a dummy pointer when there is no mask)."""
+    """The mask as one uint8 per row (all ones when there is no mask)."""
     if mask is None:
-        return torch.empty(1, dtype=torch.uint8, device=device), False
-    return mask.reshape(-1).to(torch.uint8).contiguous(), True
+        return torch.ones(n_rows, dtype=torch.uint8, device=device)
+    return mask.reshape(-1).to(torch.uint8).contiguous()
 
 
 class TokenDivergencesFn(torch.autograd.Function):
     """logits [N, V], ref_logits [N, V], row flags -> four float32 [N]; gradient to logits."""
 
     @staticmethod
-    def forward(ctx, x, y, flags, has_mask, temperature):
+    def forward(ctx, x, y, flags, temperature):
         n_rows, n_cols = x.shape
         out = torch.empty((10, n_rows), dtype=torch.float32, device=x.device)
         kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum = out.unbind(0)
@@ -205,16 +203,16 @@ class TokenDivergencesFn(torch.autograd.Function):
             _divergences_fwd_kernel[(n_rows,)](
                 x, x.stride(0), y, y.stride(0), flags,
                 kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum,
-                n_cols, temperature, HAS_MASK=has_mask, BLOCK=block, num_warps=warps,
+                n_cols, temperature, BLOCK=block, num_warps=warps,
             )
         ctx.save_for_backward(x, y, flags, out[4:8], kl_xy, kl_xm, sign_sum)
-        ctx.args = (has_mask, temperature)
+        ctx.temperature = temperature
         return kl_xy, kl_yx, js, tv
 
     @staticmethod
     def backward(ctx, g_kl_xy, g_kl_yx, g_js, g_tv):
         x, y, flags, lse, kl_xy, kl_xm, sign_sum = ctx.saved_tensors
-        has_mask, temperature = ctx.args
+        temperature = ctx.temperature
         n_rows, n_cols = x.shape
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if n_rows:
@@ -224,9 +222,9 @@ class TokenDivergencesFn(torch.autograd.Function):
                 lse[0], lse[1], lse[2], lse[3], kl_xy, kl_xm, sign_sum,
                 upstream(g_kl_xy), upstream(g_kl_yx), upstream(g_js), upstream(g_tv),
                 grad, grad.stride(0), n_cols, temperature,
-                HAS_MASK=has_mask, BLOCK=block, num_warps=warps,
+                BLOCK=block, num_warps=warps,
             )
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
 def token_divergences_triton(logits, ref_logits, *, temperature=1.0, mask=None):
@@ -235,8 +233,8 @@ def token_divergences_triton(logits, ref_logits, *, temperature=1.0, mask=None):
     temperature = reference.check_temperature(temperature)
     lead = logits.shape[:-1]
     x = as_rows(logits)
-    flags, has_mask = _row_flags(mask, x.shape[0], logits.device)
-    outs = TokenDivergencesFn.apply(x, as_rows(ref_logits.detach()), flags, has_mask, temperature)
+    flags = _row_flags(mask, x.shape[0], logits.device)
+    outs = TokenDivergencesFn.apply(x, as_rows(ref_logits.detach()), flags, temperature)
     return TokenDivergences(*(v.reshape(lead) for v in outs))
 
 

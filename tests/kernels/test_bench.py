@@ -1,0 +1,33 @@
+"""The benchmark harness runs its smoke configuration to completion and writes its outputs."""
+import pytest
+
+from fdpipe.io import read_metadata, read_parquet
+from kernels import bench
+
+
+def test_smoke_benchmark_writes_parquet_and_markdown(tmp_path):
+    out, md = tmp_path / "kernels.parquet", tmp_path / "BENCHMARKS.md"
+    bench.main(["--smoke", "--out", str(out), "--markdown", str(md)])
+    df = read_parquet(out)
+    assert set(df["op"]) == set(bench.OPS)
+    assert set(df["mode"]) == set(bench.MODES)
+    assert set(df["impl"]) == {"fdpipe", "eager"}
+    assert (df["status"] == "ok").all(), df[df["status"] != "ok"]
+    assert (df["median_ms"] > 0).all() and (df["repeats"] >= 2).all()
+    ours = df[df["impl"] == "fdpipe"]
+    assert ours["speedup_vs_eager"].notna().all() and df[df["impl"] == "eager"]["speedup_vs_eager"].isna().all()
+    linear = df["op"] == "linear_token_logprobs"
+    assert df.loc[linear, "tflops"].gt(0).all() and df.loc[~linear, "bandwidth_fraction"].gt(0).all()
+    meta = read_metadata(out)
+    assert meta["device"].startswith("CPU") and "torch" in meta["packages"] and meta["config"]["n_tokens"] == [64, 256]
+    text = md.read_text()
+    assert "CPU smoke configuration" in text and "## linear_token_logprobs" in text
+
+
+def test_settings_from_config_and_validation():
+    settings = bench.settings_from_config({"seed": 3, "smoke": {"vocab": [10]}, "full": {"repeats": 4}}, cuda=False)
+    assert settings.vocab == [10] and settings.seed == 3 and settings.repeats == bench.SMOKE.repeats
+    full = bench.settings_from_config({"full": {"repeats": 4}}, cuda=True)
+    assert full.repeats == 4 and full.n_tokens == [4096, 16384, 32768] and full.hidden == 4096
+    with pytest.raises(ValueError, match="benchmark.ops"):
+        bench.run(bench.BenchSettings(ops=["softmax"]), "cpu")
