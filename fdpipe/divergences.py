@@ -79,6 +79,10 @@ GENERATORS: dict[str, Generator] = {
 
 NAMES: tuple[str, ...] = tuple(GENERATORS)
 
+# lim_{t→∞} f(t)/t: what a unit of π-mass where p = 0 contributes to D_f(π‖p).
+SLOPE_AT_INFINITY: dict[str, float] = {"rkl": math.inf, "fkl": 0.0, "js": 0.5 * _LOG2, "tv": 0.5,
+                                       "chi2": math.inf, "rchi2": 1.0}
+
 
 def get(name: str) -> Generator:
     """The generator called `name`; a clear error lists the valid names."""
@@ -108,8 +112,6 @@ def exact(name: str, log_pi: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     log_t = torch.where(support, log_pi - log_p, torch.zeros_like(log_pi))
     inside = torch.where(support, torch.exp(log_p) * gen.f(log_t), torch.zeros_like(log_p)).sum()
     outside_mass = torch.where(support, torch.zeros_like(log_pi), torch.exp(log_pi)).sum()
-    slope_at_infinity = {"rkl": math.inf, "chi2": math.inf, "tv": 0.5, "js": 0.5 * _LOG2,
-                         "fkl": 0.0, "rchi2": 1.0}[name]
     if outside_mass == 0:
         return inside
-    return inside + outside_mass * slope_at_infinity
+    return inside + outside_mass * SLOPE_AT_INFINITY[name]

@@ -109,19 +109,39 @@ def importance_divergences(log_pi: torch.Tensor, log_target: torch.Tensor, log_q
         group, num_groups: prompt index of each sample.
         log_z: ``log Z(c)`` per sample; ``None`` self-normalises the weights per prompt.
     Returns:
-        name → Estimate(value, stderr); ``kl_pi_p`` is ``rkl`` and ``kl_p_pi`` is ``fkl``.
+        name → Estimate(value, stderr); ``rkl`` is ``KL(π‖p)`` and ``fkl`` is ``KL(p‖π)``.
+
+    Samples outside the target's support (``P = 0``) contribute ``(π/q) · lim f(t)/t``
+    (`divergences.SLOPE_AT_INFINITY`: infinite for rkl and chi2). With ``log_z=None`` the
+    standard error is the delta-method one of the ratio estimator: ``Ẑ`` comes from the same
+    samples and ``t = π Ẑ/P`` depends on it, so each sample's influence is
+    ``(p/q)(f(t) + c) − D − c`` with ``c = E_p[t f′(t) − f(t)]`` (estimated per prompt).
     """
     log_pi, log_target, log_q = log_pi.detach().double(), log_target.detach().double(), log_q.detach().double()
-    if log_z is None:
+    self_normalised = log_z is None
+    if self_normalised:
         log_z = log_partition(log_target - log_q, group, num_groups)[group]
     log_p = log_target - log_z.double()
     ratio = torch.exp(log_p - log_q)            # p/q
     log_t = log_pi - log_p                      # log π/p
+    inside = ratio > 0
+    outside = torch.isneginf(log_target) & ~torch.isneginf(log_pi)
+    zero = torch.zeros_like(ratio)
     out = {}
     for name in names:
         gen = divergences.get(name)
-        terms = torch.where(ratio > 0, ratio * gen.f(log_t), torch.zeros_like(ratio))
-        out[name] = _mean_and_stderr(terms, group, num_groups)
+        f_t = gen.f(log_t)
+        terms = torch.where(inside, ratio * f_t, zero)
+        if outside.any():
+            slope = divergences.SLOPE_AT_INFINITY[name]
+            terms = torch.where(outside, torch.exp(log_pi - log_q) * slope if slope > 0 else zero, terms)
+        est = _mean_and_stderr(terms, group, num_groups)
+        if self_normalised:
+            t_f_prime = torch.where(torch.isfinite(log_t), torch.exp(log_t) * gen.f_prime(log_t), zero)
+            c = group_mean(torch.where(inside, ratio * (t_f_prime - f_t), zero), group, num_groups)
+            influence = torch.where(inside, ratio * (f_t + c[group]), terms)
+            est = Estimate(est.value, _mean_and_stderr(influence, group, num_groups).stderr)
+        out[name] = est
     return out
 
 
