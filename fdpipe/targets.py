@@ -91,38 +91,57 @@ class LambdaFit:
     iterations: int
 
 
-def fit_lambda(phi: torch.Tensor, log_weights: torch.Tensor, moment: float, *, tol: float = 1e-4,
-               max_iter: int = 100) -> LambdaFit:
+def fit_lambda(phi: torch.Tensor, log_weights: torch.Tensor, moment: float, *, group: torch.Tensor | None = None,
+               tol: float = 1e-4, max_iter: int = 100) -> LambdaFit:
     """Fit ``λ`` so that ``E_{p_λ}[φ] = moment`` with ``p_λ ∝ w · exp(λφ)`` on given points.
 
     ``phi`` are the features of points ``x_i`` and ``log_weights`` their log-weights: zeros for
     samples drawn from ``a`` (self-normalised importance sampling), or ``log a(x)`` for an
-    enumeration of the whole space (exact). Newton's method on the convex dual
-    ``log Σ w e^{λφ} − λ·moment``, whose gradient is the moment error and whose curvature is
-    the variance of φ under ``p_λ``; steps are halved until the dual decreases.
+    enumeration of the whole space (exact). With ``group`` (the prompt index of each point)
+    the target is conditional, ``p_λ(x|c) ∝ w · exp(λφ)`` normalised within each prompt, and
+    the matched moment is the average over prompts ``mean_c E_{p_λ(·|c)}[φ]``; without it all
+    points form one group. Newton's method on the convex dual
+    ``mean_c log Σ_{i∈c} w_i e^{λφ_i} − λ·moment``, whose gradient is the moment error and
+    whose curvature is the mean per-prompt variance of φ under ``p_λ``; steps are halved until
+    the dual decreases.
     """
+    from .estimators import group_logsumexp  # local: estimators does not depend on targets
+
     phi = phi.detach().double().reshape(-1)
     logw = log_weights.detach().double().reshape(-1)
-    lo, hi = phi[logw > -math.inf].min().item(), phi[logw > -math.inf].max().item()
+    group = torch.zeros_like(phi, dtype=torch.long) if group is None else group.reshape(-1).long().to(phi.device)
+    num_groups = int(group.max().item()) + 1
+    alive = logw > -math.inf
+    inf = torch.tensor(math.inf, dtype=phi.dtype, device=phi.device)
+    group_min = torch.full((num_groups,), math.inf, dtype=phi.dtype, device=phi.device).scatter_reduce(
+        0, group, torch.where(alive, phi, inf), reduce="amin")
+    group_max = torch.full((num_groups,), -math.inf, dtype=phi.dtype, device=phi.device).scatter_reduce(
+        0, group, torch.where(alive, phi, -inf), reduce="amax")
+    present = torch.isfinite(group_min)
+    lo, hi = group_min[present].mean().item(), group_max[present].mean().item()
     if not lo < moment < hi:
-        raise ValueError(f"moment {moment} is not reachable: the features of the fitting samples lie in "
-                         f"[{lo:g}, {hi:g}]; use more samples or a moment strictly inside that range")
+        raise ValueError(f"moment {moment} is not reachable: on the fitting samples the moment can only lie in "
+                         f"({lo:g}, {hi:g}); use more samples or a moment strictly inside that range")
 
     def dual(lam):
-        return torch.logsumexp(logw + lam * phi, 0).item() - lam * moment
+        return group_logsumexp(logw + lam * phi, group, num_groups)[present].mean().item() - lam * moment
 
-    lam, err, it = 0.0, math.inf, 0
+    def moments(lam):
+        log_norm = group_logsumexp(logw + lam * phi, group, num_groups)
+        w = torch.exp(logw + lam * phi - log_norm[group])          # sums to 1 within each group
+        mean_c = torch.zeros(num_groups, dtype=phi.dtype, device=phi.device).index_add_(0, group, w * phi)
+        var_c = torch.zeros_like(mean_c).index_add_(0, group, w * (phi - mean_c[group]) ** 2)
+        return mean_c[present].mean().item(), var_c[present].mean().item()
+
+    lam, it = 0.0, 0
     for it in range(1, max_iter + 1):
-        w = torch.softmax(logw + lam * phi, 0)
-        mean = (w * phi).sum().item()
+        mean, var = moments(lam)
         err = mean - moment
         if abs(err) < tol:
             break
-        var = max((w * (phi - mean) ** 2).sum().item(), 1e-12)
-        step, current = err / var, dual(lam)
+        step, current = err / max(var, 1e-12), dual(lam)
         while dual(lam - step) > current and abs(step) > 1e-12:
             step /= 2
         lam -= step
-    w = torch.softmax(logw + lam * phi, 0)
-    mean = (w * phi).sum().item()
+    mean, _ = moments(lam)
     return LambdaFit(lam=lam, moment=mean, error=abs(mean - moment), iterations=it)
