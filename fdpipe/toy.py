@@ -8,14 +8,21 @@ tokens followed by EOS (EOS is forced after ``L`` tokens), so each prompt has
 `TabularLM` is a fully expressive autoregressive model: one row of logits per (prompt,
 completion prefix). It is called exactly like a Hugging Face causal LM, so it runs behind
 the same `fdpipe.policy.CausalPolicy` and `fdpipe.alignment.Aligner` as the language-model
-pipeline; `ToySpace` enumerates all completions and computes exact ``π``, ``a``, ``P``,
-``Z``, ``D_f(π‖p)`` (and, by autograd, its exact gradient) with the same policy code.
+pipeline. `ToySpace` enumerates all completions and computes, with that same policy code,
+the exact ``π``, ``a``, ``P``, ``Z``, ``D_f(π‖p)`` for every generator, ``KL(π‖a)``, the
+constraint moments and (by autograd over the enumeration) the exact gradient of
+``D_f(π‖p)``. `ToyProblem` bundles a space, a base, a policy, a reward table and a target
+— everything the `Aligner` needs — and `build_problem` makes one from a few numbers.
+
+Exact values are averages over prompts (uniform), like the sampled estimates of
+`fdpipe.estimators`, which average per-prompt estimates.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -23,7 +30,7 @@ from torch import nn
 
 from . import divergences
 from .policy import CausalPolicy, Samples
-from .targets import Target
+from .targets import LambdaFit, Target, fit_lambda
 
 EOS = 0
 
@@ -33,15 +40,20 @@ class TabularLM(nn.Module):
 
     Inputs are ``[B, T]`` token ids whose first column is the prompt token (prompts are one
     token long) followed by completion tokens. The prefix of content tokens ``x_1..x_k`` is
-    encoded as ``Σ_j x_j (m+1)^(j-1)``, unique across lengths because digits are ≥ 1.
+    encoded as ``Σ_j x_j (m+1)^(j-1)``, unique across lengths because digits are ≥ 1. Logits
+    of tokens that can never be generated (prompt tokens; content tokens after ``L`` content
+    tokens) are ``-inf``.
     """
 
     def __init__(self, num_content: int, num_prompts: int, max_length: int, *, init_scale: float = 1.0,
                  eos_bias: float = 0.0, seed: int = 0):
         super().__init__()
+        if num_content < 1 or num_prompts < 1 or max_length < 1:
+            raise ValueError(f"TabularLM needs num_content, num_prompts, max_length >= 1, got "
+                             f"{num_content}, {num_prompts}, {max_length}")
         self.m, self.num_prompts, self.max_length = num_content, num_prompts, max_length
         self.vocab_size = 1 + num_content + num_prompts
-        self.states_per_prompt = (num_content + 1) ** max_length + 1
+        self.states_per_prompt = (num_content + 1) ** max_length
         g = torch.Generator().manual_seed(seed)
         table = init_scale * torch.randn(num_prompts * self.states_per_prompt, 1 + num_content, generator=g,
                                          dtype=torch.float64)
@@ -70,7 +82,32 @@ class TabularLM(nn.Module):
 
 
 def make_policy(model: TabularLM) -> CausalPolicy:
+    """`model` behind the `CausalPolicy` interface the alignment stage uses."""
     return CausalPolicy(model, eos_token_id=EOS, pad_token_id=EOS, max_new_tokens=model.max_length + 1)
+
+
+@dataclass
+class ToyExact:
+    """Exact quantities of one policy against one target, averaged over prompts.
+
+    ``divergences`` maps every generator name to ``D_f(π‖p)``; ``constraint`` is
+    ``E_π[φ]`` (``E_π[b]`` for pointwise, ``E_π[r]`` for rlhf) and ``constraint_target`` the
+    same expectation under ``p``; entropies are of whole completions, in nats.
+    """
+
+    log_pi: torch.Tensor          # [C, S] log π(x|c)
+    log_a: torch.Tensor           # [C, S] log a(x|c)
+    log_target: torch.Tensor      # [C, S] log P(x|c), unnormalised
+    log_z: torch.Tensor           # [C] log Z(c)
+    log_p: torch.Tensor           # [C, S] log p(x|c) = log P − log Z
+    divergences: dict
+    kl_pi_a: float
+    kl_p_a: float
+    constraint: float
+    constraint_target: float
+    reward_mean: float
+    entropy: float
+    entropy_target: float
 
 
 @dataclass
@@ -84,29 +121,65 @@ class ToySpace:
     def __post_init__(self):
         self.sequences = [list(s) for k in range(self.max_length + 1)
                           for s in itertools.product(range(1, self.num_content + 1), repeat=k)]
+        self._all_samples: Samples | None = None
+        radix = self.num_content + 1
+        self._code_to_index = torch.full((radix ** self.max_length,), -1, dtype=torch.long)
+        for i, seq in enumerate(self.sequences):
+            self._code_to_index[sum(x * radix ** j for j, x in enumerate(seq))] = i
 
     @property
     def size(self) -> int:
+        """Completions per prompt."""
         return len(self.sequences)
+
+    def make_model(self, *, init_scale: float = 1.0, eos_bias: float = 0.0, seed: int = 0) -> TabularLM:
+        return TabularLM(self.num_content, self.num_prompts, self.max_length, init_scale=init_scale,
+                         eos_bias=eos_bias, seed=seed)
 
     def prompt_tokens(self, model: TabularLM) -> list[list[int]]:
         return [[model.prompt_token(c)] for c in range(self.num_prompts)]
 
     def all_samples(self, model: TabularLM) -> Samples:
-        """Every (prompt, completion + EOS) pair as a `Samples` batch, prompt-major order."""
+        """Every (prompt, completion + EOS) pair as a `Samples` batch, prompt-major order.
+
+        Built once per space and reused (treat it as read-only).
+        """
+        if (model.m, model.num_prompts, model.max_length) != (self.num_content, self.num_prompts, self.max_length):
+            raise ValueError(f"model of shape (m={model.m}, prompts={model.num_prompts}, L={model.max_length}) does "
+                             f"not match the space (m={self.num_content}, prompts={self.num_prompts}, "
+                             f"L={self.max_length})")
+        if self._all_samples is None:
+            self._all_samples = self._enumerate(model)
+        return self._all_samples
+
+    def _enumerate(self, model: TabularLM) -> Samples:
         rows = [[model.prompt_token(c)] + seq + [EOS] for c in range(self.num_prompts) for seq in self.sequences]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), EOS, dtype=torch.long)
         cmask = torch.zeros((len(rows), width), dtype=torch.bool)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row)
             cmask[i, 1:len(row)] = True
-        attn = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
             attn[i, :len(row)] = 1
         prompt_index = torch.arange(self.num_prompts).repeat_interleave(self.size)
         return Samples(input_ids=ids, attention_mask=attn, completion_mask=cmask, prompt_index=prompt_index,
                        prompt_keys=prompt_index.tolist(), sample_logprobs=torch.zeros(len(rows)), prompt_length=1)
+
+    def prompt_index(self, samples: Samples) -> torch.Tensor:
+        """Which prompt ``c`` each sample continues (``[B]``)."""
+        return samples.input_ids[:, samples.prompt_length - 1].cpu() - 1 - self.num_content
+
+    def sequence_index(self, samples: Samples) -> torch.Tensor:
+        """Position in `sequences` of each sample's completion (``[B]``, EOS and padding ignored)."""
+        ids = samples.input_ids[:, samples.prompt_length:].cpu()
+        mask = samples.completion_mask[:, samples.prompt_length:].cpu()
+        content = torch.where(mask & (ids >= 1) & (ids <= self.num_content), ids, torch.zeros_like(ids))
+        if (content[:, self.max_length:] != 0).any():
+            raise ValueError(f"a completion has more than {self.max_length} content tokens")
+        content = content[:, :self.max_length]
+        radix = (self.num_content + 1) ** torch.arange(content.shape[1])
+        return self._code_to_index[(content * radix).sum(-1)]
 
     def log_probs(self, policy: CausalPolicy, *, grad: bool = False) -> torch.Tensor:
         """Exact ``log π(x|c)`` as a ``[C, S]`` float64 tensor (differentiable when `grad`)."""
@@ -134,24 +207,112 @@ class ToySpace:
         """Exact ``E_c KL(π‖ref)``."""
         return (torch.exp(log_pi) * (log_pi - log_ref)).sum(-1).mean()
 
-    def reward_table(self, model: TabularLM, seed: int = 0) -> "RewardTable":
-        return RewardTable(self, model, seed)
+    @staticmethod
+    def expectation(log_pi: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Exact ``E_c E_π[values]`` for a ``[C, S]`` table of values."""
+        return (torch.exp(log_pi) * values.double()).sum(-1).mean()
+
+    @staticmethod
+    def entropy(log_pi: torch.Tensor) -> torch.Tensor:
+        """Exact ``E_c H(π(·|c))`` over whole completions, in nats."""
+        return -(torch.exp(log_pi) * log_pi).sum(-1).mean()
+
+    def fit_lambda(self, target: Target, log_a: torch.Tensor, reward: torch.Tensor, *, tol: float = 1e-8) -> LambdaFit:
+        """Fit λ of a distributional target exactly: ``E_c E_{p_λ(·|c)}[φ] = moment``.
+
+        Uses `fdpipe.targets.fit_lambda` on the whole enumeration with weights ``a(x|c)`` and
+        one group per prompt; sets ``target.lam``.
+        """
+        phi = target.constraint(reward.double())
+        group = torch.arange(self.num_prompts).repeat_interleave(self.size)
+        fit = fit_lambda(phi.reshape(-1), log_a.reshape(-1), target.moment, group=group, tol=tol)
+        target.lam = fit.lam
+        return fit
+
+    def exact(self, policy: CausalPolicy, base: CausalPolicy, reward: torch.Tensor, target: Target) -> ToyExact:
+        """Every exact quantity of `policy` against the target built from `base` and `reward`."""
+        log_pi, log_a = self.log_probs(policy), self.log_probs(base)
+        return self.exact_from_log_probs(log_pi, log_a, reward, target)
+
+    def exact_from_log_probs(self, log_pi: torch.Tensor, log_a: torch.Tensor, reward: torch.Tensor,
+                             target: Target) -> ToyExact:
+        log_target = self.log_target(log_a, reward, target)
+        log_p, log_z = self.normalise(log_target)
+        phi = target.constraint(reward.double())
+        return ToyExact(
+            log_pi=log_pi, log_a=log_a, log_target=log_target, log_z=log_z, log_p=log_p,
+            divergences={name: float(self.divergence(name, log_pi, log_p)) for name in divergences.NAMES},
+            kl_pi_a=float(self.kl(log_pi, log_a)), kl_p_a=float(self.kl(log_p, log_a)),
+            constraint=float(self.expectation(log_pi, phi)), constraint_target=float(self.expectation(log_p, phi)),
+            reward_mean=float(self.expectation(log_pi, reward)),
+            entropy=float(self.entropy(log_pi)), entropy_target=float(self.entropy(log_p)),
+        )
+
+    def divergence_gradient(self, name: str, policy: CausalPolicy, log_p: torch.Tensor) -> torch.Tensor:
+        """Exact ``∇_θ D_f(π_θ‖p)`` over the policy's trainable parameters, as one flat vector.
+
+        Autograd through the enumeration: ``D_f`` is a finite sum over every completion.
+        """
+        params = policy.trainable_parameters()
+        value = self.divergence(name, self.log_probs(policy, grad=True), log_p.detach())
+        grads = torch.autograd.grad(value, params)
+        return torch.cat([g.reshape(-1) for g in grads]).double()
+
+    def reward_table(self, seed: int = 0) -> "RewardTable":
+        return RewardTable(self, seed)
 
 
 class RewardTable:
-    """A fixed reward per (prompt, completion): standard normal, seeded; callable on `Samples`."""
+    """A fixed reward per (prompt, completion): standard normal, seeded; callable on `Samples`.
 
-    def __init__(self, space: ToySpace, model: TabularLM, seed: int = 0):
+    ``values[c, i]`` is the reward of completion ``space.sequences[i]`` after prompt ``c``.
+    """
+
+    def __init__(self, space: ToySpace, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
+        self.space = space
         self.values = torch.randn(space.num_prompts, space.size, generator=g, dtype=torch.float64)
-        self.index = {tuple(seq): i for i, seq in enumerate(space.sequences)}
-        self.model = model
 
     def __call__(self, samples: Samples) -> torch.Tensor:
-        prompts = (samples.input_ids[:, samples.prompt_length - 1] - 1 - self.model.m).tolist()
-        out = []
-        for c, comp in zip(prompts, samples.completion_ids()):
-            content = tuple(t for t in comp if t != EOS)
-            out.append(self.values[c, self.index[content]])
-        return torch.stack(out)
+        reward = self.values[self.space.prompt_index(samples), self.space.sequence_index(samples)]
+        return reward.to(samples.input_ids.device)
 
+
+@dataclass
+class ToyProblem:
+    """A base ``a``, a trainable policy ``π_θ`` (a copy of ``a``), a reward table and a target."""
+
+    space: ToySpace
+    base: CausalPolicy
+    policy: CausalPolicy
+    reward: RewardTable
+    target: Target
+    lambda_fit: LambdaFit | None = field(default=None)
+
+    def prompt_keys(self) -> list[int]:
+        return list(range(self.space.num_prompts))
+
+    def prompt_tokens(self) -> list[list[int]]:
+        return self.space.prompt_tokens(self.base.model)
+
+    def exact(self, policy: CausalPolicy | None = None) -> ToyExact:
+        """Exact quantities of `policy` (default: the trained policy) against the target."""
+        return self.space.exact(policy or self.policy, self.base, self.reward.values, self.target)
+
+
+def build_problem(space: ToySpace, target: Target, *, model_seed: int = 0, reward_seed: int = 0,
+                  init_scale: float = 1.0, eos_bias: float = 0.0, fit_exactly: bool = True) -> ToyProblem:
+    """A `ToyProblem` whose base is a random `TabularLM` and whose policy starts equal to it.
+
+    A distributional target without λ is fitted exactly on the enumeration when
+    `fit_exactly` (otherwise the `Aligner` fits it on samples of the base).
+    """
+    base_model = space.make_model(init_scale=init_scale, eos_bias=eos_bias, seed=model_seed)
+    base_model.requires_grad_(False)
+    policy_model = copy.deepcopy(base_model).requires_grad_(True)
+    base, policy = make_policy(base_model), make_policy(policy_model)
+    reward = RewardTable(space, seed=reward_seed)
+    problem = ToyProblem(space=space, base=base, policy=policy, reward=reward, target=target)
+    if target.kind == "distributional" and target.lam is None and fit_exactly:
+        problem.lambda_fit = space.fit_lambda(target, space.log_probs(base), reward.values)
+    return problem
