@@ -63,9 +63,9 @@ class BenchSettings:
     linear_float32_max_tokens: int = 4096
     compile_shape: list = field(default_factory=lambda: [16384, 128256])
     compile_dtypes: list = field(default_factory=lambda: ["bfloat16"])
-    warmup: int = 1
+    warmup: int = 2  # the first call compiles (Triton JIT, torch.compile); the last one sets the repeats
     repeats: int = 10
-    max_case_seconds: float = 1.0  # fewer repeats (at least 2) when one call is slow
+    max_case_seconds: float = 0.5  # fewer repeats (at least 2) when one call is slow
     threads: int = 0  # CPU threads for torch during the run (0 = leave as is)
     seed: int = 0
 
@@ -355,6 +355,14 @@ def _run_cases(settings, device, cuda, impls, rows, bandwidths):
     for op, dtype_name, n, v in cases(settings):
         dtype = DTYPES[dtype_name]
         h = settings.hidden if op == "linear_token_logprobs" else 0
+        key = (n * v, dtype_name)
+        if key not in bandwidths:  # measured before the inputs exist, so that it fits
+            try:
+                bandwidths[key] = copy_bandwidth(torch.empty((n, v), dtype=dtype, device=device), cuda)
+            except torch.cuda.OutOfMemoryError:
+                bandwidths[key] = float("nan")
+            _free(cuda)
+        copy_bw = bandwidths[key]
         try:
             inputs = make_inputs(op, n, v, settings.hidden, dtype, device, settings.seed)
         except torch.cuda.OutOfMemoryError:
@@ -362,12 +370,6 @@ def _run_cases(settings, device, cuda, impls, rows, bandwidths):
             _free(cuda)
             continue
         grad_key = "hidden" if op == "linear_token_logprobs" else "logits"
-        like = torch.empty((n, v), dtype=dtype, device=device)
-        key = (like.numel(), dtype_name)
-        if key not in bandwidths:
-            bandwidths[key] = copy_bandwidth(like, cuda)
-        del like
-        copy_bw = bandwidths[key]
         for impl, fn in impls[op].items():
             if impl == "compile" and not ([n, v] == list(settings.compile_shape) and dtype_name in settings.compile_dtypes):
                 continue

@@ -138,3 +138,18 @@ def test_argument_errors():
         kernels.linear_token_logprobs(hidden, weight, t, bias=torch.zeros(4, device=DEVICE))
     with pytest.raises(ValueError, match="chunk_size"):
         kernels.linear_token_logprobs(hidden, weight, t, chunk_size=0)
+
+
+def test_repeatable_and_inputs_untouched(backend):
+    hidden, weight, bias, t = make_inputs(7, 6, 19, seed=13)
+    before = [a.clone() for a in (hidden, weight, bias)]
+    runs = []
+    for _ in range(2):
+        h1, w1, b1 = leaves(hidden, weight, bias)
+        logp, ent = kernels.linear_token_logprobs(h1, w1, t, bias=b1, with_entropy=True, chunk_size=3,
+                                                  temperature=0.9)
+        (logp.sum() - ent.sum()).backward()
+        runs.append((logp, ent, h1.grad, w1.grad, b1.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(before, (hidden, weight, bias)))
