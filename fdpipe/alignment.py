@@ -158,20 +158,28 @@ class Aligner:
 
     # ------------------------------------------------------------------ target
     def prepare_target(self) -> None:
-        """Fit λ of a distributional target on samples of the base (self-normalised IS)."""
+        """Fit λ of a distributional target on samples of the base (self-normalised IS).
+
+        The target is conditional, so the matched moment is the average over prompts of
+        ``E_{p(·|c)}[φ]``: weights are normalised within each prompt (samples of a prompt drawn
+        in several batches are pooled by prompt key). Pooling all prompts together would instead
+        weight each prompt by its ``Z(c)``.
+        """
         if self.target.kind != "distributional" or self.target.lam is not None:
             return
         cfg = self.cfg
-        phis = []
+        phis, groups, group_of_key = [], [], {}
         remaining = cfg.fit_samples
         while remaining > 0:
             n_prompts = min(cfg.prompts_per_step, math.ceil(remaining / cfg.samples_per_prompt))
             keys, tokens = self.prompts.next_batch(n_prompts)
             samples = self.base.sample(tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
             phis.append(self.target.constraint(self.reward_fn(samples).double()))
+            groups.append(torch.tensor([group_of_key.setdefault(k, len(group_of_key)) for k in samples.prompt_keys]))
             remaining -= len(samples)
         phi = torch.cat(phis)
-        self.lambda_fit = fit_lambda(phi, torch.zeros_like(phi), self.target.moment, tol=cfg.fit_tolerance)
+        self.lambda_fit = fit_lambda(phi, torch.zeros_like(phi), self.target.moment,
+                                     group=torch.cat(groups).to(phi.device), tol=cfg.fit_tolerance)
         self.target.lam = self.lambda_fit.lam
 
     # ------------------------------------------------------------------ one step
