@@ -152,15 +152,21 @@ def token_logprobs(model, batch: dict) -> torch.Tensor:
     """log p(token t | tokens < t) for t = 1..T-1, [B, T-1]; 0 where the label is -100.
 
     Runs the decoder for the final hidden states and lets `kernels.linear_token_logprobs`
-    apply the LM head in chunks.
+    apply the LM head in chunks, on the labelled (completion) positions only: the LM head
+    over a 49k vocabulary costs as much as several transformer blocks, and prompt and
+    padding positions would only give zeros.
     """
     import kernels
 
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"], use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
-    return kernels.linear_token_logprobs(hidden[:, :-1], head.weight, batch["labels"][:, 1:],
-                                         bias=getattr(head, "bias", None), ignore_index=IGNORE)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    picked = kernels.linear_token_logprobs(hidden[:, :-1][keep], head.weight, targets[keep],
+                                           bias=getattr(head, "bias", None), ignore_index=IGNORE)
+    logp = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)
+    return logp.masked_scatter(keep, picked)
 
 
 def completion_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
