@@ -34,6 +34,7 @@ from .runtime import pick_device, seed_everything, set_threads
 log = logging.getLogger("fdpipe.sft")
 
 IGNORE = -100
+LOG_EVERY = 10  # steps between progress lines in the log (the progress bar goes to stderr)
 INT_KEYS = {"steps": 1, "batch_size": 1, "warmup_steps": 0, "max_length": 2, "eval_every": 1,
             "eval_batches": 1, "checkpoint_every": 1}
 FLOAT_KEYS = {"lr": "> 0", "weight_decay": ">= 0", "grad_clip": ">= 0 (0 = off)"}
@@ -285,7 +286,7 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
     """Fine-tune `model_path` on sft_train, write the model to `out_dir` and metrics.
 
     Metrics (tidy: step, split, metric, value): per training step loss, perplexity,
-    tokens_per_s, lr, grad_norm; on val at step 0, every `eval_every` steps and at the end,
+    tokens_per_s (prompt and completion tokens), seconds, lr, grad_norm; on val at step 0, every `eval_every` steps and at the end,
     loss and perplexity. Returns the metrics frame.
     """
     from tqdm.auto import tqdm
@@ -341,8 +342,9 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
                        for k, v in values.items())
 
     if start == 0:
-        record(0, "val", evaluate(model, val_batches, device))
-        log.info("step 0: val loss %.4f", metrics[-2]["value"])
+        val = evaluate(model, val_batches, device)
+        record(0, "val", val)
+        log.info("step 0: val loss %.4f", val["loss"])
 
     model.train()
     bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="sft",
@@ -365,8 +367,11 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
         value = loss.detach().item()
         record(done, "train", {"loss": value, "perplexity": math.exp(min(value, 50.0)),
                                "tokens_per_s": int(batch["attention_mask"].sum()) / seconds,
-                               "lr": lr, "grad_norm": float(grad_norm)})
+                               "seconds": seconds, "lr": lr, "grad_norm": float(grad_norm)})
         bar.set_postfix(loss=f"{value:.3f}")
+        if done % LOG_EVERY == 0:
+            log.info("step %d/%d: train loss %.4f (%.2f s/step)", done, cfg["steps"], value,
+                     seconds)
         if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
             val = evaluate(model, val_batches, device)
             record(done, "val", val)
