@@ -3,7 +3,8 @@
 Vocabulary: token 0 is EOS (also used as padding), tokens ``1..m`` are content tokens, and
 tokens ``m+1..m+C`` are the ``C`` prompts (contexts). A completion is at most ``L`` content
 tokens followed by EOS (EOS is forced after ``L`` tokens), so each prompt has
-``Σ_{k=0..L} m^k`` completions — 341 for ``m = 4, L = 4``.
+``Σ_{k=0..L} m^k`` completions — 40 for the default ``m = 3, L = 3`` (a vocabulary of six
+tokens with two prompts), 341 for ``m = 4, L = 4``.
 
 `TabularLM` is a fully expressive autoregressive model: one row of logits per (prompt,
 completion prefix). It is called exactly like a Hugging Face causal LM, so it runs behind
@@ -114,9 +115,9 @@ class ToyExact:
 class ToySpace:
     """All completions of every prompt, with exact computations through a `CausalPolicy`."""
 
-    num_content: int = 4
+    num_content: int = 3
     num_prompts: int = 2
-    max_length: int = 4
+    max_length: int = 3
 
     def __post_init__(self):
         self.sequences = [list(s) for k in range(self.max_length + 1)
@@ -297,7 +298,7 @@ class ToyProblem:
 
     def exact(self, policy: CausalPolicy | None = None) -> ToyExact:
         """Exact quantities of `policy` (default: the trained policy) against the target."""
-        return self.space.exact(policy or self.policy, self.base, self.reward.values, self.target)
+        return self.space.exact(self.policy if policy is None else policy, self.base, self.reward.values, self.target)
 
 
 def build_problem(space: ToySpace, target: Target, *, model_seed: int = 0, reward_seed: int = 0,
