@@ -73,6 +73,12 @@ def provenance(config=None, seed=None, **extra) -> dict:
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary sibling path; move it onto `path` only if the block succeeds."""
@@ -83,6 +89,7 @@ def atomic_path(path):
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp creates 0600; outputs get the usual mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -97,6 +104,7 @@ def atomic_dir(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp creates 0700
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -9,3 +9,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402  (after the environment above)
+
+# Tests use tiny tensors: one thread avoids oversubscribing small CPUs.
+torch.set_num_threads(1)
