@@ -94,7 +94,7 @@ class EvalConfig:
     samples_per_prompt: int = 4      # completions per held-out prompt
     max_new_tokens: int = 20         # longest completion (as alignment.defaults)
     max_prompts: int | None = None   # first N held-out prompts (None: all)
-    batch_prompts: int = 8           # prompts per sampling/scoring batch
+    batch_prompts: int = 16          # prompts per sampling/scoring batch
     reward_batch_size: int = 64      # texts per reward-model forward
     bootstrap_resamples: int = 1000  # bootstrap replicates for mean intervals
     confidence: float = 0.95         # interval coverage
