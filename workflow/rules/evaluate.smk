@@ -45,5 +45,7 @@ rule evaluate:
     threads: workflow.cores
     resources:
         mem_mb=6000,
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/evaluate.py"

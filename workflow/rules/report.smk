@@ -25,5 +25,7 @@ rule report:
     threads: 1
     resources:
         mem_mb=2000,
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/report.py"
