@@ -16,6 +16,8 @@ CFG = {"samples_per_prompt": 3, "max_new_tokens": 5, "batch_prompts": 2, "bootst
 
 
 def _tokenizer():
+    # A word-level tokenizer (rather than tiny_assets' byte-level BPE) so that a decoded
+    # sample re-encodes to exactly the sampled ids: the float64 check below relies on it.
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
