@@ -22,5 +22,7 @@ rule align:
     threads: workflow.cores
     resources:
         mem_mb=8000,
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/align.py"

@@ -17,5 +17,7 @@ rule benchmark_kernels:
     threads: 1
     resources:
         mem_mb=4000,
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/benchmark_kernels.py"

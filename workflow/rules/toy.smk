@@ -18,6 +18,8 @@ rule toy_train:
     threads: 1
     resources:
         mem_mb=1000,
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/toy_study.py"
 
@@ -41,5 +43,7 @@ rule toy_study:
     threads: 1
     resources:
         mem_mb=1000,
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/toy_study.py"
