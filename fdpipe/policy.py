@@ -152,8 +152,8 @@ class CausalPolicy:
             for _ in range(self.max_new_tokens):
                 logits, past = self._call(step_ids, attn, step_pos, past=past, use_cache=True)
                 logits = logits[:, -1, :]
-                log_probs = torch.log_softmax(logits.float(), dim=-1)
-                token = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+                probs = torch.softmax(logits.float(), dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
                 token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
                 lp = kernels.token_logprobs(logits, token)
                 total = total + torch.where(finished, torch.zeros_like(lp), lp)
