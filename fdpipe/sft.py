@@ -368,7 +368,7 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
         record(done, "train", {"loss": value, "perplexity": math.exp(min(value, 50.0)),
                                "tokens_per_s": int(batch["attention_mask"].sum()) / seconds,
                                "seconds": seconds, "lr": lr, "grad_norm": float(grad_norm)})
-        bar.set_postfix(loss=f"{value:.3f}")
+        bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         if done % LOG_EVERY == 0:
             log.info("step %d/%d: train loss %.4f (%.2f s/step)", done, cfg["steps"], value,
                      seconds)
