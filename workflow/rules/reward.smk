@@ -1,0 +1,31 @@
+# Reward model: a scalar-head encoder trained on the preference pairs (results/reward/).
+# The resumable state (results/reward/state.pt) lives outside the model folder, so a killed
+# job resumes instead of restarting; it is removed once the stage has finished.
+
+
+rule train_reward:
+    input:
+        prefs_train="results/data/prefs_train.parquet",
+        prefs_val="results/data/prefs_val.parquet",
+        # held-out rated sentences: correlation with human ratings, reward mean/std
+        ratings="results/data/sft_val.parquet",
+    output:
+        model=directory("results/reward/model"),
+        metrics="results/reward/metrics.parquet",
+    log:
+        "logs/reward.log",
+    benchmark:
+        "benchmarks/reward.tsv"
+    params:
+        reward=config["reward"],
+        backbone=config["models"]["reward_backbone"],
+        seed=config["seed"],
+        device=config["device"],
+        state="results/reward/state.pt",
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/train_reward.py"
