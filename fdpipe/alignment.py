@@ -45,7 +45,8 @@ STEP_METRICS = {
     "chi2": "Pearson χ² divergence D_chi2(π‖p) by importance sampling",
     "rchi2": "Neyman χ² divergence D_rchi2(π‖p) by importance sampling",
     "kl_pi_a": "KL(π‖a), sequence-level Monte-Carlo estimate",
-    "kl_pi_a_tokens": "KL(π‖a) as the sum over completion tokens of the exact per-token KL over the vocabulary",
+    "kl_pi_a_tokens": "KL(π‖a) as the sum over completion tokens of the exact per-token KL over the vocabulary "
+                      "(NaN when token_kl is off)",
     "reward_mean": "mean proxy reward of the policy's samples",
     "gold_mean": "mean gold reward of the policy's samples (when a gold scorer is given)",
     "constraint": "E_π[b] (pointwise), E_π[φ] (distributional) or E_π[r] (rlhf)",
@@ -76,6 +77,7 @@ class AlignConfig:
     grad_clip: float = 1.0
     fit_samples: int = 256            # samples of a used to fit λ of a distributional target
     fit_tolerance: float = 1e-4
+    token_kl: bool = True             # log kl_pi_a_tokens (one full-vocabulary pass over both models' logits)
 
     @classmethod
     def from_config(cls, cfg: dict, key: str) -> "AlignConfig":
@@ -195,13 +197,13 @@ class Aligner:
 
         reward = self.reward_fn(samples).to(torch.float64)
         with torch.no_grad():
-            base_out = self.base.score(samples, keep_logits=True)
+            base_out = self.base.score(samples, keep_logits=cfg.token_kl)
         log_a = base_out.logprobs.double()
         log_target = log_a + self.target.log_potential(reward).to(log_a.device)
         t_scored = time.perf_counter()
 
         policy.model.train()
-        scores = policy.score(samples, with_entropy=True, keep_logits=True)
+        scores = policy.score(samples, with_entropy=True, keep_logits=cfg.token_kl)
         log_pi = scores.logprobs
         log_pi_d = log_pi.detach().double()
         on_policy = self.proposal is None
@@ -240,9 +242,12 @@ class Aligner:
         w = torch.exp(log_pi - log_q)                    # π/q: 1 on-policy
         w_norm = w / w.mean()
         n_tokens = samples.completion_mask[:, 1:].sum().clamp(min=1)
-        with torch.no_grad():
-            tok_div = kernels.token_divergences(scores.logits.detach(), base_out.logits,
-                                                mask=samples.completion_mask[:, 1:])
+        kl_tokens = math.nan
+        if self.cfg.token_kl:
+            with torch.no_grad():
+                tok_div = kernels.token_divergences(scores.logits.detach(), base_out.logits,
+                                                    mask=samples.completion_mask[:, 1:])
+            kl_tokens = float((w_norm * tok_div.kl_pi_ref.double().sum(-1)).mean())
         on_policy = self.proposal is None
         gap = (samples.sample_logprobs.double() - log_pi).abs().max() if on_policy else torch.tensor(math.nan)
         out = {
@@ -255,7 +260,7 @@ class Aligner:
             "kl_pi_p": est["rkl"].value, "kl_pi_p_se": est["rkl"].stderr,
             "js": est["js"].value, "tv": est["tv"].value, "chi2": est["chi2"].value, "rchi2": est["rchi2"].value,
             "kl_pi_a": float((w_norm * (log_pi - log_a)).mean()),
-            "kl_pi_a_tokens": float((w_norm * tok_div.kl_pi_ref.double().sum(-1)).mean()),
+            "kl_pi_a_tokens": kl_tokens,
             "reward_mean": float((w_norm * reward).mean()),
             "constraint": float((w_norm * self.target.constraint(reward)).mean()),
             "entropy_per_token": float(scores.entropy.detach().sum() / n_tokens),
