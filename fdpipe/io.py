@@ -113,6 +113,15 @@ def atomic_dir(path):
             shutil.rmtree(tmp)
 
 
+def sha256_file(path) -> str:
+    """Hex sha256 digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_parquet(df: pd.DataFrame, path, meta: dict | None = None) -> None:
     """Write `df` to `path` atomically, with `meta` as JSON under the `fdpipe` metadata key."""
     table = pa.Table.from_pandas(df, preserve_index=False)

@@ -14,7 +14,6 @@ in by hand; when the registry cannot be reached the error says which file to put
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+from .io import sha256_file
 
 log = logging.getLogger("fdpipe.resources")
 
@@ -108,15 +108,6 @@ def data_source_input(config: dict) -> dict:
     if source.startswith("hf:"):
         return {}
     return {"source": source}
-
-
-def sha256_file(path) -> str:
-    """Hex sha256 digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _place_hint(filename: str, sha256: str, path: Path) -> str:

@@ -24,7 +24,6 @@ Outputs of :func:`run`:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .io import atomic_dir, atomic_path, config_hash, provenance, read_parquet, write_parquet
+from .io import atomic_dir, atomic_path, config_hash, provenance, read_parquet, sha256_file, write_parquet
 from .runtime import pick_device, seed_everything, set_threads
 
 log = logging.getLogger("fdpipe.reward")
@@ -383,11 +382,7 @@ class RewardModel:
 # --------------------------------------------------------------------------- state
 
 def _file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def _save_state(path, state: dict) -> None:

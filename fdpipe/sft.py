@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from .errors import ConfigError, DataError
-from .io import atomic_path, config_hash, provenance, read_parquet, write_parquet
+from .io import atomic_path, config_hash, provenance, read_parquet, sha256_file, write_parquet
 from .models import load_causal_lm, load_tokenizer, save_causal_lm
 from .runtime import pick_device, seed_everything, set_threads
 
@@ -229,16 +229,6 @@ def _optimizer(params, cfg):
 
 # ---------------------------------------------------------------------------- state
 
-def _file_fingerprint(path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _model_fingerprint(model_path) -> object:
     """Name for hub models; (file, size, mtime) of every file for local folders."""
     path = Path(model_path)
@@ -251,7 +241,7 @@ def _model_fingerprint(model_path) -> object:
 def run_fingerprint(model_path, train_path, val_path, cfg, seed) -> str:
     """What a checkpoint must match to be resumed."""
     return config_hash({"sft": cfg, "seed": seed, "model": _model_fingerprint(model_path),
-                        "train": _file_fingerprint(train_path), "val": _file_fingerprint(val_path)})
+                        "train": sha256_file(train_path), "val": sha256_file(val_path)})
 
 
 def save_state(path, fingerprint, step, model, optimizer, scheduler, metrics) -> None:

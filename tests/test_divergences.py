@@ -18,14 +18,6 @@ from fdpipe import divergences, fdpg, toy
 from fdpipe.targets import Target
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 LOG_T = torch.linspace(-7.0, 7.0, 281, dtype=torch.float64)
 
 CLOSED_F = {

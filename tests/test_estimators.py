@@ -16,15 +16,6 @@ from fdpipe import divergences, estimators, toy
 from fdpipe.targets import Target
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def z_bound(confidence: float, comparisons: int) -> float:
     """Two-sided z quantile for a family-wise `confidence` over `comparisons` tests."""
     return NormalDist().inv_cdf(1 - (1 - confidence) / (2 * comparisons))

@@ -20,15 +20,6 @@ from fdpipe import divergences, fdpg, toy
 from fdpipe.targets import Target
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 SPACE = toy.ToySpace(3, 2, 3)
 CHUNKS, BATCHES, SAMPLES = 60, 8, 8
 DIRECTIONS = 4                      # random directions, plus the exact gradient's direction

@@ -16,15 +16,6 @@ from fdpipe.errors import ConfigError
 from fdpipe.targets import Target, fit_lambda
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 SPACE = toy.ToySpace(3, 2, 3)
 
 

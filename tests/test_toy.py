@@ -15,15 +15,6 @@ from fdpipe.policy import CausalPolicy
 from fdpipe.targets import Target
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def space():
     return toy.ToySpace(3, 2, 3)

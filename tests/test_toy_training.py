@@ -16,15 +16,6 @@ from fdpipe import divergences, toy_study
 from fdpipe.targets import KINDS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is many times faster than two on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 STEPS = 100
 STUDY = toy_study.ToyStudyConfig(steps=STEPS)
 
