@@ -308,7 +308,9 @@ class RewardModel:
     """A scalar reward model that scores texts; what alignment and evaluation call.
 
     ``score`` returns raw rewards, or rewards standardized with the mean and std stored in
-    ``reward_stats.json`` when ``normalize`` is true (set on the instance or per call).
+    ``reward_stats.json`` when ``normalize`` is true (set on the instance or per call). A
+    model folder without that file (e.g. one written by another tool) loads with mean 0 and
+    std 1, so standardizing leaves its scores unchanged.
     """
 
     def __init__(self, model, tokenizer, *, max_length: int = 512, mean: float = 0.0,
