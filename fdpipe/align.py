@@ -29,33 +29,10 @@ from .io import atomic_path, provenance, read_parquet, write_parquet
 from .policy import CausalPolicy
 from .reward import RewardModel
 from .runtime import pick_device, seed_everything, set_threads
+from .sft import set_trainable
 from .targets import Target
 
 log = logging.getLogger("fdpipe.align")
-
-
-def train_last_layers(model, k: int) -> int:
-    """Make only the last `k` transformer blocks and the final norm trainable (all when k < 0).
-
-    Returns the number of trainable parameters. Embeddings and a tied LM head stay frozen
-    unless every layer trains.
-    """
-    params = list(model.parameters())
-    if k < 0:
-        for p in params:
-            p.requires_grad_(True)
-        return sum(p.numel() for p in params)
-    for p in params:
-        p.requires_grad_(False)
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    blocks = body.layers
-    for block in list(blocks)[len(blocks) - k:] if k > 0 else []:
-        for p in block.parameters():
-            p.requires_grad_(True)
-    if getattr(body, "norm", None) is not None and k > 0:
-        for p in body.norm.parameters():
-            p.requires_grad_(True)
-    return sum(p.numel() for p in params if p.requires_grad)
 
 
 def _prompt_tokens(tokenizer, prompts: pd.DataFrame, path) -> tuple[list, list[list[int]]]:
@@ -86,7 +63,7 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     for p in base_model.parameters():
         p.requires_grad_(False)
     policy_model = copy.deepcopy(base_model)
-    n_train = train_last_layers(policy_model, train_layers)
+    n_train = sum(p.numel() for p in set_trainable(policy_model, train_layers, key=f"{key}.train_layers"))
     log.info("run %s: %s on %s, %d trainable parameters", run_name, cfg.divergence, target.describe(), n_train)
     make = lambda m: CausalPolicy(m, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   max_new_tokens=max_new_tokens, tokenizer=tokenizer)

@@ -123,7 +123,7 @@ def _final_norm(model):
     return None
 
 
-def set_trainable(model, train_layers: int) -> list[torch.nn.Parameter]:
+def set_trainable(model, train_layers: int, key: str = "sft.train_layers") -> list[torch.nn.Parameter]:
     """Freeze everything but the last `train_layers` blocks and the final norm (-1: train all).
 
     Returns the trainable parameters. With tied input/output embeddings (SmolLM2) the
@@ -135,7 +135,7 @@ def set_trainable(model, train_layers: int) -> list[torch.nn.Parameter]:
     else:
         blocks = _decoder_blocks(model)
         if train_layers > len(blocks):
-            raise ConfigError("sft.train_layers", f"at most {len(blocks)} (the model's blocks) "
+            raise ConfigError(key, f"at most {len(blocks)} (the model's blocks) "
                                                   f"or -1", train_layers)
         for p in model.parameters():
             p.requires_grad_(False)
