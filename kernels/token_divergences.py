@@ -48,6 +48,19 @@ def _online_update(c, s, x_max):
 
 
 @triton.jit
+def _log_probs_and_mid(x_row, y_row, cols, inside, temperature, c_x, log_s_x, c_y, log_s_y):
+    """Normalised log-probabilities of both rows on a block, and log of their midpoint (p + q)/2."""
+    x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+    y = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
+    lp = (x - c_x) - log_s_x
+    lq = (y - c_y) - log_s_y
+    hi = tl.maximum(lp, lq)
+    hi = tl.where(hi == float("-inf"), 0.0, hi)
+    lm = hi + tl.log(tl.exp(lp - hi) + tl.exp(lq - hi)) - 0.6931471805599453
+    return lp, lq, lm
+
+
+@triton.jit
 def _divergences_fwd_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, mask_ptr,
     kl_xy_ptr, kl_yx_ptr, js_ptr, tv_ptr, max_x_ptr, log_sum_x_ptr, max_y_ptr, log_sum_y_ptr,
@@ -113,15 +126,9 @@ def _divergences_fwd_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < n_cols
-        x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
-        y = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
-        lp = (x - c_x) - log_s_x
-        lq = (y - c_y) - log_s_y
+        lp, lq, lm = _log_probs_and_mid(x_row, y_row, cols, inside, temperature, c_x, log_s_x, c_y, log_s_y)
         p = tl.exp(lp)
         q = tl.exp(lq)
-        hi = tl.maximum(lp, lq)
-        hi = tl.where(hi == float("-inf"), 0.0, hi)
-        lm = hi + tl.log(tl.exp(lp - hi) + tl.exp(lq - hi)) - 0.6931471805599453  # log((p + q) / 2)
         kl_xm += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
         kl_ym += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
         tv += tl.sum(tl.abs(p - q), axis=0)
@@ -163,15 +170,9 @@ def _divergences_bwd_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < n_cols
-        x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
-        y = tl.load(y_row + cols, mask=inside, other=float("-inf")).to(tl.float32) / temperature
-        lp = (x - c_x) - log_s_x
-        lq = (y - c_y) - log_s_y
+        lp, lq, lm = _log_probs_and_mid(x_row, y_row, cols, inside, temperature, c_x, log_s_x, c_y, log_s_y)
         p = tl.exp(lp)
         q = tl.exp(lq)
-        hi = tl.maximum(lp, lq)
-        hi = tl.where(hi == float("-inf"), 0.0, hi)
-        lm = hi + tl.log(tl.exp(lp - hi) + tl.exp(lq - hi)) - 0.6931471805599453
         sign = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
         weighted = g_kl_xy * (lp - lq - kl_xy) + 0.5 * g_js * (lp - lm - kl_xm) + 0.5 * g_tv * (sign - sign_sum)
         grad = tl.where(p > 0, p * weighted, 0.0) + g_kl_yx * (p - q)
