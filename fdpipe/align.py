@@ -35,10 +35,8 @@ from .targets import Target
 log = logging.getLogger("fdpipe.align")
 
 
-def _prompt_tokens(tokenizer, prompts: pd.DataFrame, path) -> tuple[list, list[list[int]]]:
-    for column in ("prompt_id", "prompt"):
-        if column not in prompts.columns:
-            raise DataError(path, f"missing column {column!r}")
+def _prompt_tokens(tokenizer, path) -> tuple[list, list[list[int]]]:
+    prompts = read_parquet(path, required=("prompt_id", "prompt"))
     if prompts.empty:
         raise DataError(path, "no prompts")
     tokens = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts["prompt"].tolist()]
@@ -72,7 +70,7 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     scorer = RewardModel.load(reward_model, dev, normalize=True)
     reward_fn = lambda samples: scorer.score(samples.texts).to(dev)
     gold_fn = lambda samples: torch.from_numpy(gold.gold_reward(samples.texts))
-    keys, tokens = _prompt_tokens(tokenizer, read_parquet(prompts_path), prompts_path)
+    keys, tokens = _prompt_tokens(tokenizer, prompts_path)
     generator = torch.Generator(device=dev).manual_seed(seed)
     aligner = Aligner(policy, base, reward_fn, target, PromptCycle(keys, tokens, seed), cfg,
                       generator=generator, gold_fn=gold_fn)

@@ -124,10 +124,7 @@ class EvalConfig:
 
 def read_prompts(path, max_prompts: int | None = None) -> pd.DataFrame:
     """Held-out prompts (columns prompt_id, prompt), the first `max_prompts` of them."""
-    df = read_parquet(path)
-    missing = [c for c in ("prompt_id", "prompt") if c not in df.columns]
-    if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)}")
+    df = read_parquet(path, required=("prompt_id", "prompt"))
     if df.empty:
         raise DataError(path, "no prompts")
     df = df[["prompt_id", "prompt"]].astype({"prompt_id": str, "prompt": str})

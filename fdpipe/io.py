@@ -132,15 +132,20 @@ def write_parquet(df: pd.DataFrame, path, meta: dict | None = None) -> None:
         pq.write_table(table, tmp)
 
 
-def read_parquet(path) -> pd.DataFrame:
-    """Read a Parquet file, with a one-line error naming the path when it is missing or corrupt."""
+def read_parquet(path, required=()) -> pd.DataFrame:
+    """Read a Parquet file, with a one-line error naming the path when it is missing, corrupt
+    or lacks one of the `required` columns."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
     try:
-        return pd.read_parquet(path)
+        df = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise DataError(path, f"not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(path, f"missing column(s) {', '.join(missing)}")
+    return df
 
 
 def read_metadata(path) -> dict:

@@ -82,10 +82,7 @@ def read_summaries(paths) -> pd.DataFrame:
         raise ValueError("the report needs at least one evaluation summary")
     frames = []
     for path in paths:
-        df = read_parquet(path)
-        missing = [c for c in SUMMARY_COLUMNS if c not in df.columns]
-        if missing:
-            raise DataError(path, f"missing column(s) {', '.join(missing)}")
+        df = read_parquet(path, required=SUMMARY_COLUMNS)
         frames.append(df[list(SUMMARY_COLUMNS)])
     out = pd.concat(frames, ignore_index=True)
     key = ["policy", "run", "metric"]
@@ -104,10 +101,7 @@ def read_curves(paths) -> pd.DataFrame:
     """Per-step metrics of every run (one row per step and metric column), NaN values dropped."""
     frames = []
     for path in paths:
-        df = read_parquet(path)
-        missing = [c for c in CURVE_ID_COLUMNS if c not in df.columns]
-        if missing:
-            raise DataError(path, f"missing column(s) {', '.join(missing)}")
+        df = read_parquet(path, required=CURVE_ID_COLUMNS)
         values = [c for c in df.columns
                   if c not in CURVE_ID_COLUMNS and pd.api.types.is_numeric_dtype(df[c])
                   and not pd.api.types.is_bool_dtype(df[c])]
