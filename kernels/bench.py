@@ -34,8 +34,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-import kernels
-from kernels import backend as kernel_backend
+import fdpipe_kernels as kernels
+from fdpipe_kernels import backend as kernel_backend
 
 log = logging.getLogger("fdpipe.bench")
 
@@ -486,7 +486,7 @@ def _fmt(value, pattern="{:.2f}"):
 
 def write_results(df, facts, parquet_path, markdown_path=None, config=None):
     """Parquet with provenance (fdpipe.io) and, when asked, the Markdown table."""
-    from fdpipe.io import provenance, write_parquet
+    from fdpipe.common.io import provenance, write_parquet
 
     meta = provenance(config if config is not None else facts["settings"], seed=facts["settings"]["seed"],
                       device=facts["device"], copy_gbps=facts["copy_gbps"], liger_kernel=facts["liger_kernel"],

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fdpipe.config import merged_run_config, validate_config
-from fdpipe.errors import ConfigError
+from fdpipe.common.config import merged_run_config, validate_config
+from fdpipe.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"

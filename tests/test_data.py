@@ -6,9 +6,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from fdpipe import data
-from fdpipe.errors import ConfigError, DataError
-from fdpipe.io import read_metadata
+from fdpipe.stages import data
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.common.io import read_metadata
 
 import tiny_assets
 

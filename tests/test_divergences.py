@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from fdpipe import divergences, fdpg, toy
-from fdpipe.targets import Target
+from fdpipe.fdpg import divergences, update, toy
+from fdpipe.fdpg.targets import Target
 
 
 LOG_T = torch.linspace(-7.0, 7.0, 281, dtype=torch.float64)
@@ -172,12 +172,12 @@ def test_rkl_pseudo_rewards_are_rlhf_rewards_up_to_the_baseline(rlhf_problem):
     reward = problem.reward(samples)
     log_target = log_a + problem.target.log_potential(reward)
     group, n = samples.prompt_index, samples.num_prompts
-    pseudo = fdpg.pseudo_rewards("rkl", log_pi, log_target, ex.log_z[group])
+    pseudo = update.pseudo_rewards("rkl", log_pi, log_target, ex.log_z[group])
     rlhf = (reward - problem.target.beta * (log_pi - log_a)) / problem.target.beta
     # −f′ = −log(π/p) − 1 = RLHF reward − log Z(c) − 1
     torch.testing.assert_close(pseudo, rlhf - ex.log_z[group] - 1, rtol=1e-9, atol=1e-9)
     # any log Z estimate gives the same advantages once the per-prompt baseline is removed
-    wrong_z = fdpg.pseudo_rewards("rkl", log_pi, log_target, torch.zeros_like(log_pi))
+    wrong_z = update.pseudo_rewards("rkl", log_pi, log_target, torch.zeros_like(log_pi))
     for rewards in (pseudo, wrong_z):
-        torch.testing.assert_close(rewards - fdpg.baseline(rewards, group, n, "loo"),
-                                   rlhf - fdpg.baseline(rlhf, group, n, "loo"), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(rewards - update.baseline(rewards, group, n, "loo"),
+                                   rlhf - update.baseline(rlhf, group, n, "loo"), rtol=1e-9, atol=1e-9)

@@ -12,8 +12,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from fdpipe import divergences, estimators, toy
-from fdpipe.targets import Target
+from fdpipe.fdpg import divergences, estimators, toy
+from fdpipe.fdpg.targets import Target
 
 
 def z_bound(confidence: float, comparisons: int) -> float:

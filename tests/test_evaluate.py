@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fdpipe import evaluate
-from fdpipe.errors import ConfigError, DataError
-from fdpipe.io import read_metadata, read_parquet, write_parquet
+from fdpipe.stages import evaluate
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.common.io import read_metadata, read_parquet, write_parquet
 
 WORDS = ["<eos>", "<unk>", "the", "movie", "is", "great", "bad", "fun", "boring", "a", "film", "and", "."]
 CFG = {"samples_per_prompt": 3, "max_new_tokens": 5, "batch_prompts": 2, "bootstrap_resamples": 200}
@@ -229,8 +229,8 @@ def test_missing_and_bad_inputs(assets, sft_eval, tmp_path):
 def test_config_defaults_match_the_schema():
     import dataclasses
 
-    from fdpipe.config import validate_config
-    from fdpipe.report import ReportConfig
+    from fdpipe.common.config import validate_config
+    from fdpipe.stages.report import ReportConfig
 
     from pathlib import Path
 

@@ -1,7 +1,7 @@
 """The sampled f-DPG gradient against the exact gradient of D_f(π‖p) on the toy space.
 
 The estimator is the one the alignment loop uses — `CausalPolicy.sample`/`score`,
-`fdpg.pseudo_rewards`, `fdpg.baseline` and `fdpg.surrogate_loss` — with the exact log Z(c),
+`update.pseudo_rewards`, `update.baseline` and `update.surrogate_loss` — with the exact log Z(c),
 so it is unbiased. Each *chunk* is one sampling call holding `BATCHES` independent batches
 (every batch: every prompt, `SAMPLES` completions each, its own leave-one-out groups); the
 chunk's gradient is the mean of its batches' estimates. Over `CHUNKS` independent chunks the
@@ -16,8 +16,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from fdpipe import divergences, fdpg, toy
-from fdpipe.targets import Target
+from fdpipe.fdpg import divergences, update, toy
+from fdpipe.fdpg.targets import Target
 
 
 SPACE = toy.ToySpace(3, 2, 3)
@@ -52,10 +52,10 @@ def chunk_gradients(problem, policy, proposal, divergence, seed, baselines=("loo
     log_target = problem.base.score(samples).logprobs.double() + problem.target.log_potential(problem.reward(samples))
     on_policy = proposal is policy
     weights = None if on_policy else torch.exp(log_pi_d - samples.sample_logprobs.double())
-    rewards = fdpg.pseudo_rewards(divergence, log_pi_d, log_target, log_z[SPACE.prompt_index(samples)])
+    rewards = update.pseudo_rewards(divergence, log_pi_d, log_target, log_z[SPACE.prompt_index(samples)])
     grads = {}
     for i, kind in enumerate(baselines):
-        loss = fdpg.surrogate_loss(log_pi, rewards - fdpg.baseline(rewards, group, num_groups, kind), weights)
+        loss = update.surrogate_loss(log_pi, rewards - update.baseline(rewards, group, num_groups, kind), weights)
         (grad,) = torch.autograd.grad(loss, policy.trainable_parameters(), retain_graph=i + 1 < len(baselines))
         grads[kind] = grad.reshape(-1).double()
     return grads
@@ -118,22 +118,22 @@ def test_baseline_reduces_variance_without_bias(problem, name):
 def test_baseline_values():
     rewards = torch.tensor([1.0, 2.0, 6.0, 4.0, 10.0], dtype=torch.float64)
     group = torch.tensor([0, 0, 0, 1, 2])
-    loo = fdpg.baseline(rewards, group, 3, "loo")
+    loo = update.baseline(rewards, group, 3, "loo")
     # prompt 0: mean of the two others; prompts 1 and 2 have one sample: mean of the rest of the batch
     torch.testing.assert_close(loo, torch.tensor([4.0, 3.5, 1.5, 19 / 4, 13 / 4], dtype=torch.float64))
-    torch.testing.assert_close(fdpg.baseline(rewards, group, 3, "mean"), torch.full_like(rewards, 4.6))
-    assert (fdpg.baseline(rewards, group, 3, "none") == 0).all()
+    torch.testing.assert_close(update.baseline(rewards, group, 3, "mean"), torch.full_like(rewards, 4.6))
+    assert (update.baseline(rewards, group, 3, "none") == 0).all()
     with pytest.raises(ValueError, match="loo, mean, none"):
-        fdpg.baseline(rewards, group, 3, "median")
+        update.baseline(rewards, group, 3, "median")
 
 
 def test_surrogate_loss_gradient_is_the_weighted_score_function():
     log_pi = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64, requires_grad=True)
     advantages = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
-    (grad,) = torch.autograd.grad(fdpg.surrogate_loss(log_pi, advantages, weights), log_pi)
+    (grad,) = torch.autograd.grad(update.surrogate_loss(log_pi, advantages, weights), log_pi)
     torch.testing.assert_close(grad, -(weights * advantages) / 3)
     # advantages and weights are constants even when they carry a graph
     advantages.requires_grad_(True)
-    (grad2,) = torch.autograd.grad(fdpg.surrogate_loss(log_pi, advantages * 1.0), log_pi)
+    (grad2,) = torch.autograd.grad(update.surrogate_loss(log_pi, advantages * 1.0), log_pi)
     torch.testing.assert_close(grad2, -advantages.detach() / 3)

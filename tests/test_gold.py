@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fdpipe.gold import gold_reward
+from fdpipe.models.gold import gold_reward
 
 
 def test_known_values_and_dtype():

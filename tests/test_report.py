@@ -3,10 +3,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fdpipe import report
-from fdpipe.errors import ConfigError, DataError
-from fdpipe.evaluate import SUMMARY_COLUMNS, _row, summary_frame
-from fdpipe.io import read_metadata, read_parquet, write_parquet
+from fdpipe.stages import report
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.stages.evaluate import SUMMARY_COLUMNS, _row, summary_frame
+from fdpipe.common.io import read_metadata, read_parquet, write_parquet
 
 
 def _summary(policy, run, divergence, target, kl, gold):

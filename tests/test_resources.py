@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from fdpipe import resources
-from fdpipe.errors import DataError
+from fdpipe.stages import resources
+from fdpipe.common.errors import DataError
 
 import tiny_assets
 

@@ -8,11 +8,11 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from fdpipe import reward
-from fdpipe.errors import ConfigError, DataError
-from fdpipe.io import read_metadata, read_parquet
-from fdpipe.runtime import seed_everything
-from fdpipe.reward import RewardConfig, RewardModel, batch_indices, bt_loss, pair_metrics, rating_metrics
+from fdpipe.stages import reward
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.common.io import read_metadata, read_parquet
+from fdpipe.common.runtime import seed_everything
+from fdpipe.stages.reward import RewardConfig, RewardModel, batch_indices, bt_loss, pair_metrics, rating_metrics
 
 SCHEMA = "workflow/schemas/config.schema.yaml"
 

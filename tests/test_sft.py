@@ -3,9 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fdpipe import data, models, sft
-from fdpipe.errors import ConfigError
-from fdpipe.io import read_metadata
+from fdpipe.stages import data, sft
+
+from fdpipe.models import causal_lm
+from fdpipe.common.errors import ConfigError
+from fdpipe.common.io import read_metadata
 
 import tiny_assets
 
@@ -29,7 +31,7 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(assets):
-    return models.load_tokenizer(assets["model"])
+    return causal_lm.load_tokenizer(assets["model"])
 
 
 def test_encode_appends_eos_and_truncates(tok):
@@ -57,7 +59,7 @@ def test_collate_labels_only_completion_tokens(tok, side):
 
 
 def test_loss_is_completion_cross_entropy(assets, tok):
-    model = models.load_causal_lm(assets["model"])
+    model = causal_lm.load_causal_lm(assets["model"])
     ex = sft.encode_examples(tok, ["The movie", "The plot is"], [" is dull.", " wonderful and moving."], 64)
     batch = sft.collate(ex, tok.pad_token_id, "right")
     logp = sft.token_logprobs(model, batch)
@@ -79,7 +81,7 @@ def test_loss_is_completion_cross_entropy(assets, tok):
 
 
 def test_left_and_right_padding_give_the_same_loss(assets, tok):
-    model = models.load_causal_lm(assets["model"])
+    model = causal_lm.load_causal_lm(assets["model"])
     ex = sft.encode_examples(tok, ["The movie", "The plot is"], [" is dull.", " wonderful and moving."], 64)
     right, _ = sft.completion_loss(model, sft.collate(ex, tok.pad_token_id, "right"))
     left, _ = sft.completion_loss(model, sft.collate(ex, tok.pad_token_id, "left"))
@@ -87,7 +89,7 @@ def test_left_and_right_padding_give_the_same_loss(assets, tok):
 
 
 def test_set_trainable_last_blocks_and_norm(assets):
-    model = models.load_causal_lm(assets["model"])
+    model = causal_lm.load_causal_lm(assets["model"])
     params = sft.set_trainable(model, 1)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("model.layers.1.", "model.norm.")) for n in names)
@@ -135,7 +137,7 @@ def test_training_lowers_val_loss_and_saves(trained, assets):
     base = AutoModelForCausalLM.from_pretrained(assets["model"])
     assert not torch.equal(reloaded.model.layers[0].mlp.up_proj.weight,
                            base.model.layers[0].mlp.up_proj.weight)
-    assert models.load_tokenizer(out / "model").pad_token == "<|im_end|>"
+    assert causal_lm.load_tokenizer(out / "model").pad_token == "<|im_end|>"
 
 
 def test_frozen_layers_stay_unchanged(assets, tmp_path):
@@ -167,8 +169,8 @@ def test_killed_run_resumes_to_the_same_result(trained, assets, tmp_path, monkey
     assert state["step"] == 10 and not (tmp_path / "model").exists()
     monkeypatch.setattr(sft, "completion_loss", real)
     resumed = run_sft(assets, tmp_path)
-    a = models.load_causal_lm(out / "model").state_dict()
-    b = models.load_causal_lm(tmp_path / "model").state_dict()
+    a = causal_lm.load_causal_lm(out / "model").state_dict()
+    b = causal_lm.load_causal_lm(tmp_path / "model").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
     keep = ~straight.metric.isin(["tokens_per_s", "seconds"])

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from fdpipe.stats import bootstrap_ci, normal_interval, weighted_mean
+from fdpipe.common.stats import bootstrap_ci, normal_interval, weighted_mean
 
 
 def _coverage(make_sample, truth, trials=300, **kw):

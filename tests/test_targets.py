@@ -10,10 +10,10 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from fdpipe import toy
-from fdpipe.alignment import AlignConfig, Aligner, PromptCycle
-from fdpipe.errors import ConfigError
-from fdpipe.targets import Target, fit_lambda
+from fdpipe.fdpg import toy
+from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
+from fdpipe.common.errors import ConfigError
+from fdpipe.fdpg.targets import Target, fit_lambda
 
 
 SPACE = toy.ToySpace(3, 2, 3)

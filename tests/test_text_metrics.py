@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from fdpipe.text_metrics import distinct_n, ngrams, self_bleu, sentence_bleu, words
+from fdpipe.common.text_metrics import distinct_n, ngrams, self_bleu, sentence_bleu, words
 
 
 def test_words_split_punctuation_and_lowercase():

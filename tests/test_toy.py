@@ -10,9 +10,9 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from fdpipe import divergences, toy
-from fdpipe.policy import CausalPolicy
-from fdpipe.targets import Target
+from fdpipe.fdpg import divergences, toy
+from fdpipe.models.policy import CausalPolicy
+from fdpipe.fdpg.targets import Target
 
 
 @pytest.fixture(scope="module")

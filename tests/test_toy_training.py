@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
-from fdpipe import divergences, toy_study
-from fdpipe.targets import KINDS
+from fdpipe.fdpg import divergences
+
+from fdpipe.stages import toy_study
+from fdpipe.fdpg.targets import KINDS
 
 
 STEPS = 100

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import tiny_assets
-from fdpipe.io import read_metadata
+from fdpipe.common.io import read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "config" / "tiny.yaml"

@@ -1,7 +1,7 @@
 """Fixtures for the kernel tests: which backend runs, on which device."""
 import pytest
 
-import kernels
+import fdpipe_kernels as kernels
 from kernel_cases import BACKENDS
 
 

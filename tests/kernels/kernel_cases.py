@@ -7,7 +7,7 @@ so shapes stay tiny.
 import pytest
 import torch
 
-from kernels import backend as kernel_backend
+from fdpipe_kernels import backend as kernel_backend
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,8 +1,8 @@
 """The benchmark harness runs its smoke configuration to completion and writes its outputs."""
 import pytest
 
-from fdpipe.io import read_metadata, read_parquet
-from kernels import bench
+from fdpipe.common.io import read_metadata, read_parquet
+from fdpipe_kernels import bench
 
 
 def test_smoke_benchmark_writes_parquet_and_markdown(tmp_path):

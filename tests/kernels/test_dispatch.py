@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import backend
+import fdpipe_kernels as kernels
+from fdpipe_kernels import backend
 from kernel_cases import CUDA, TRITON_RUNS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def test_auto_uses_reference_on_cpu_and_triton_when_forced():
 @pytest.mark.skipif(not backend.HAS_TRITON, reason="needs triton installed")
 def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error():
     proc = run_python(
-        "import torch, kernels\n"
+        "import torch, fdpipe_kernels as kernels\n"
         "try:\n"
         "    kernels.token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))\n"
         "except kernels.BackendError as e:\n"
@@ -83,9 +83,9 @@ def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 
 def test_environment_variable_sets_and_validates_backend():
-    proc = run_python("import kernels; print(kernels.get_backend())", FDPIPE_KERNEL_BACKEND="torch")
+    proc = run_python("import fdpipe_kernels as kernels; print(kernels.get_backend())", FDPIPE_KERNEL_BACKEND="torch")
     assert proc.returncode == 0 and proc.stdout.strip() == "torch", proc.stderr
-    proc = run_python("import kernels", FDPIPE_KERNEL_BACKEND="fast")
+    proc = run_python("import fdpipe_kernels", FDPIPE_KERNEL_BACKEND="fast")
     assert proc.returncode != 0
     assert "FDPIPE_KERNEL_BACKEND: expected one of auto, triton, torch, got 'fast'" in proc.stderr
 
@@ -93,8 +93,8 @@ def test_environment_variable_sets_and_validates_backend():
 def test_works_without_triton():
     proc = run_python(
         "import sys; sys.modules['triton'] = None  # makes `import triton` fail\n"
-        "import torch, kernels\n"
-        "from kernels import backend\n"
+        "import torch, fdpipe_kernels as kernels\n"
+        "from fdpipe_kernels import backend\n"
         "x = torch.randn(4, 6, requires_grad=True); t = torch.tensor([0, 1, -100, 5])\n"
         "lp, ent = kernels.token_logprobs(x, t, with_entropy=True)\n"
         "d = kernels.token_divergences(x, torch.randn(4, 6))\n"

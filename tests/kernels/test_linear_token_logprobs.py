@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
+import fdpipe_kernels as kernels
 from kernel_cases import DEVICE, DTYPES, needs_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

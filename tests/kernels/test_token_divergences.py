@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.token_divergences import MAX_BLOCK
+import fdpipe_kernels as kernels
+from fdpipe_kernels import reference
+from fdpipe_kernels.token_divergences import MAX_BLOCK
 from kernel_cases import DEVICE, DTYPES, FWD_TOL, GRAD_TOL, assert_close, leaf, peaked_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

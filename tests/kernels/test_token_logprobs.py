@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.token_logprobs import MAX_BLOCK
+import fdpipe_kernels as kernels
+from fdpipe_kernels import reference
+from fdpipe_kernels.token_logprobs import MAX_BLOCK
 from kernel_cases import (CUDA, DEVICE, DTYPES, FWD_TOL, GRAD_TOL, assert_close, leaf, peaked_logits,
                           random_targets)
 

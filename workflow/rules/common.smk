@@ -1,7 +1,7 @@
 # Config validation, shared helpers and wildcard constraints.
 import os
 
-from fdpipe.config import merged_run_config, validate_config
+from fdpipe.common.config import merged_run_config, validate_config
 
 # Fills in the schema's defaults; a bad value stops here with one line naming the key.
 validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))

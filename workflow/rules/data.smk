@@ -1,5 +1,5 @@
 # Data: rated sentences -> SFT examples, preference pairs and prompts (results/data/).
-from fdpipe.resources import data_source_input
+from fdpipe.stages.resources import data_source_input
 
 
 rule prepare_data:

@@ -1,7 +1,7 @@
 # Evaluation: every policy (`sft` and each alignment run) on the held-out prompts.
 # An aligned policy also reads its run's target.json and the SFT samples (for the SFT
 # model's divergences to that target), so the SFT evaluation never depends on a run.
-from fdpipe.config import merged_run_config
+from fdpipe.common.config import merged_run_config
 
 
 rule evaluate:

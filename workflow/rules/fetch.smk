@@ -5,7 +5,7 @@
 import os
 import re
 
-from fdpipe.resources import ARTIFACTS, artifact_filename, artifact_key, artifact_path, base_model_dir
+from fdpipe.stages.resources import ARTIFACTS, artifact_filename, artifact_key, artifact_path, base_model_dir
 
 
 localrules:

@@ -1,7 +1,7 @@
 # Supervised fine-tuning of the base model on the review sentences (results/sft/).
 # The resumable state (results/sft/state.pt) lives outside the model folder, so a killed
 # job resumes instead of restarting; it is removed once the stage has finished.
-from fdpipe.resources import sft_base_input
+from fdpipe.stages.resources import sft_base_input
 
 
 rule sft:

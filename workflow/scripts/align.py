@@ -1,6 +1,6 @@
 """Rule align: thin entry point around fdpipe.align.run."""
-from fdpipe import align
-from fdpipe.runtime import setup_logging
+from fdpipe.stages import align
+from fdpipe.common.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 align.run(

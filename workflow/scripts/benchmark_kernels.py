@@ -1,8 +1,8 @@
 """Rule benchmark_kernels: thin entry point around kernels.bench."""
 import torch
 
-from fdpipe.runtime import setup_logging
-from kernels import bench
+from fdpipe.common.runtime import setup_logging
+from fdpipe_kernels import bench
 
 setup_logging(snakemake.log[0])
 cuda = torch.cuda.is_available()

@@ -1,6 +1,6 @@
 """Rule evaluate: thin entry point around fdpipe.evaluate.run."""
-from fdpipe import evaluate
-from fdpipe.runtime import setup_logging
+from fdpipe.stages import evaluate
+from fdpipe.common.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 run_params = snakemake.params.run or {}

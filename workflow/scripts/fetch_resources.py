@@ -1,8 +1,8 @@
 """Rule fetch_resources: thin entry point around fdpipe.resources.run."""
 import os
 
-from fdpipe import resources
-from fdpipe.runtime import setup_logging
+from fdpipe.stages import resources
+from fdpipe.common.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 # fetch() derives the path from resources.dir and the artifact's section

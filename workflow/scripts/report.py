@@ -1,6 +1,6 @@
 """Rule report: thin entry point around fdpipe.report.run."""
-from fdpipe import report
-from fdpipe.runtime import setup_logging
+from fdpipe.stages import report
+from fdpipe.common.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 report.run(

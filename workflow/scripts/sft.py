@@ -1,8 +1,8 @@
 """Rule sft: thin entry point around fdpipe.sft.run."""
 import os
 
-from fdpipe import sft
-from fdpipe.runtime import setup_logging
+from fdpipe.stages import sft
+from fdpipe.common.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 model_dir = snakemake.output.model

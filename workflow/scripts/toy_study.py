@@ -1,6 +1,6 @@
 """Rules toy_train and toy_study: thin entry point around fdpipe.toy_study."""
-from fdpipe import toy_study
-from fdpipe.runtime import setup_logging
+from fdpipe.stages import toy_study
+from fdpipe.common.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 if snakemake.rule == "toy_train":

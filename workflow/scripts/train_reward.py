@@ -1,6 +1,6 @@
 """Rule train_reward: thin entry point around fdpipe.reward.run."""
-from fdpipe import reward
-from fdpipe.runtime import setup_logging
+from fdpipe.stages import reward
+from fdpipe.common.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 reward.run(

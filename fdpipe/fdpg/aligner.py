@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import kernels
+import fdpipe_kernels as kernels
 
-from . import divergences, estimators, fdpg
-from .errors import ConfigError
-from .policy import CausalPolicy, Samples
-from .targets import Target, fit_lambda
+from fdpipe.fdpg import divergences, estimators, update
+from fdpipe.common.errors import ConfigError
+from fdpipe.models.policy import CausalPolicy, Samples
+from fdpipe.fdpg.targets import Target, fit_lambda
 
 STEP_METRICS = {
     "objective": "importance-sampling estimate of D_f(π‖p) for the run's divergence",
@@ -85,8 +85,8 @@ class AlignConfig:
         out = cls(**known)
         if out.divergence not in divergences.NAMES:
             raise ConfigError(f"{key}.divergence", f"one of {', '.join(divergences.NAMES)}", out.divergence)
-        if out.baseline not in fdpg.BASELINES:
-            raise ConfigError(f"{key}.baseline", f"one of {', '.join(fdpg.BASELINES)}", out.baseline)
+        if out.baseline not in update.BASELINES:
+            raise ConfigError(f"{key}.baseline", f"one of {', '.join(update.BASELINES)}", out.baseline)
         if out.proposal not in ("online", "offline"):
             raise ConfigError(f"{key}.proposal", "online or offline", out.proposal)
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "fit_samples"):
@@ -212,9 +212,9 @@ class Aligner:
         weights = None if on_policy else torch.exp(log_w_pi)
 
         log_z = self.log_z.update(samples.prompt_keys, log_target - log_q)
-        rewards = fdpg.pseudo_rewards(cfg.divergence, log_pi_d, log_target, log_z)
-        advantages = rewards - fdpg.baseline(rewards, group, n_groups, cfg.baseline)
-        loss = fdpg.surrogate_loss(log_pi, advantages, weights)
+        rewards = update.pseudo_rewards(cfg.divergence, log_pi_d, log_target, log_z)
+        advantages = rewards - update.baseline(rewards, group, n_groups, cfg.baseline)
+        loss = update.surrogate_loss(log_pi, advantages, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(),

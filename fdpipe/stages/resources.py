@@ -22,8 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DataError
-from .io import sha256_file
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.common.io import sha256_file
 
 log = logging.getLogger("fdpipe.resources")
 

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DataError
+from fdpipe.common.errors import DataError
 
 METADATA_KEY = b"fdpipe"
 _PACKAGES = ("fdpipe", "torch", "transformers", "triton", "numpy", "pandas", "pyarrow", "snakemake")
@@ -46,7 +46,7 @@ def code_version() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    from . import __version__
+    from fdpipe import __version__
     return __version__
 
 

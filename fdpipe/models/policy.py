@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
+import fdpipe_kernels as kernels
 
 
 @dataclass

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from . import divergences
-from .estimators import group_counts
+from fdpipe.fdpg import divergences
+from fdpipe.fdpg.estimators import group_counts
 
 BASELINES = ("loo", "mean", "none")
 

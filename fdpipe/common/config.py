@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 
-from .errors import ConfigError
+from fdpipe.common.errors import ConfigError
 
 
 def merged_run_config(alignment_cfg: dict, run: str) -> dict:

@@ -25,13 +25,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import divergences
-from .alignment import AlignConfig, Aligner, PromptCycle
-from .errors import ConfigError
-from .io import atomic_path, provenance, read_parquet, write_parquet
-from .runtime import set_threads
-from .targets import KINDS, Target
-from .toy import ToyProblem, ToySpace, build_problem
+from fdpipe.fdpg import divergences
+from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
+from fdpipe.common.errors import ConfigError
+from fdpipe.common.io import atomic_path, provenance, read_parquet, write_parquet
+from fdpipe.common.runtime import set_threads
+from fdpipe.fdpg.targets import KINDS, Target
+from fdpipe.fdpg.toy import ToyProblem, ToySpace, build_problem
 
 log = logging.getLogger("fdpipe.toy_study")
 

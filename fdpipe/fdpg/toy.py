@@ -29,9 +29,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from . import divergences
-from .policy import CausalPolicy, Samples
-from .targets import LambdaFit, Target, fit_lambda
+from fdpipe.fdpg import divergences
+from fdpipe.models.policy import CausalPolicy, Samples
+from fdpipe.fdpg.targets import LambdaFit, Target, fit_lambda
 
 EOS = 0
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots
-from .errors import ConfigError, DataError
-from .evaluate import SUMMARY_COLUMNS
-from .io import provenance, read_metadata, read_parquet, write_parquet
+from fdpipe.common import plots
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.stages.evaluate import SUMMARY_COLUMNS
+from fdpipe.common.io import provenance, read_metadata, read_parquet, write_parquet
 
 log = logging.getLogger("fdpipe.report")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import atomic_path
+from fdpipe.common.io import atomic_path
 
 # One fixed colour per divergence, so every figure of a report agrees.
 DIVERGENCE_COLORS = {"rkl": "tab:blue", "fkl": "tab:orange", "js": "tab:green", "tv": "tab:red",

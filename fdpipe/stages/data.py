@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, DataError
-from .io import provenance, write_parquet
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.common.io import provenance, write_parquet
 
 log = logging.getLogger("fdpipe.data")
 

@@ -42,13 +42,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import estimators, text_metrics
-from .errors import ConfigError, DataError
-from .io import provenance, read_parquet, write_parquet
-from .policy import CausalPolicy
-from .runtime import pick_device, set_threads
-from .stats import bootstrap_ci, normal_interval
-from .targets import Target
+from fdpipe.fdpg import estimators
+
+from fdpipe.common import text_metrics
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.common.io import provenance, read_parquet, write_parquet
+from fdpipe.models.policy import CausalPolicy
+from fdpipe.common.runtime import pick_device, set_threads
+from fdpipe.common.stats import bootstrap_ci, normal_interval
+from fdpipe.fdpg.targets import Target
 
 log = logging.getLogger("fdpipe.evaluate")
 
@@ -329,9 +331,9 @@ def run(policy: str, policy_model, sft_model, reward_model, prompts_path, sample
             the SFT model's samples.parquet; required for an aligned policy, unused for ``sft``.
         config: what the outputs' config hash covers (defaults to the arguments above).
     """
-    from .gold import gold_reward
-    from .models import load_causal_lm, load_tokenizer
-    from .reward import RewardModel
+    from fdpipe.models.gold import gold_reward
+    from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
+    from fdpipe.stages.reward import RewardModel
 
     eval_cfg = EvalConfig.from_dict(cfg)
     aligned = policy != SFT

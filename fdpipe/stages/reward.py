@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, DataError
-from .io import atomic_dir, atomic_path, config_hash, provenance, read_parquet, sha256_file, write_parquet
-from .runtime import pick_device, seed_everything, set_threads
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.common.io import atomic_dir, atomic_path, config_hash, provenance, read_parquet, sha256_file, write_parquet
+from fdpipe.common.runtime import pick_device, seed_everything, set_threads
 
 log = logging.getLogger("fdpipe.reward")
 

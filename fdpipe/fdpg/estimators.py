@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import divergences
+from fdpipe.fdpg import divergences
 
 
 def group_logsumexp(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from fdpipe.common.errors import ConfigError
 
 KINDS = ("rlhf", "pointwise", "distributional")
 FEATURES = ("indicator", "reward")
@@ -105,7 +105,7 @@ def fit_lambda(phi: torch.Tensor, log_weights: torch.Tensor, moment: float, *, g
     whose curvature is the mean per-prompt variance of φ under ``p_λ``; steps are halved until
     the dual decreases.
     """
-    from .estimators import group_logsumexp  # local: estimators does not depend on targets
+    from fdpipe.fdpg.estimators import group_logsumexp  # local: estimators does not depend on targets
 
     phi = phi.detach().double().reshape(-1)
     logw = log_weights.detach().double().reshape(-1)

@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import ConfigError, DataError
-from .io import atomic_path, config_hash, provenance, read_parquet, sha256_file, write_parquet
-from .models import load_causal_lm, load_tokenizer, save_causal_lm
-from .runtime import pick_device, seed_everything, set_threads
+from fdpipe.common.errors import ConfigError, DataError
+from fdpipe.common.io import atomic_path, config_hash, provenance, read_parquet, sha256_file, write_parquet
+from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer, save_causal_lm
+from fdpipe.common.runtime import pick_device, seed_everything, set_threads
 
 log = logging.getLogger("fdpipe.sft")
 
@@ -157,7 +157,7 @@ def token_logprobs(model, batch: dict) -> torch.Tensor:
     over a 49k vocabulary costs as much as several transformer blocks, and prompt and
     padding positions would only give zeros.
     """
-    import kernels
+    import fdpipe_kernels as kernels
 
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"], use_cache=False).last_hidden_state
