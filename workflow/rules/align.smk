@@ -14,15 +14,15 @@ rule align:
         "logs/align/{run}.log",
     benchmark:
         "benchmarks/align/{run}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
     params:
         run_cfg=lambda wc: run_config(wc.run),
         seed=config["seed"],
         device=config["device"],
         state="results/align/{run}.state.pt",
-    threads: workflow.cores
-    resources:
-        mem_mb=8000,
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/align.py"

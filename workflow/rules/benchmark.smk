@@ -12,12 +12,12 @@ rule benchmark_kernels:
         "logs/bench/kernels.log",
     benchmark:
         "benchmarks/bench/kernels.tsv"
-    params:
-        bench=config["benchmark"],
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=4000,
-    conda:
-        "../../environment.yml"
+    params:
+        bench=config["benchmark"],
     script:
         "../scripts/benchmark_kernels.py"

@@ -4,7 +4,9 @@ import os
 from fdpipe.common.config import merged_run_config, validate_config
 
 # Fills in the schema's defaults; a bad value stops here with one line naming the key.
-validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+validate_config(
+    config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+)
 
 
 def run_names():

@@ -17,13 +17,13 @@ rule prepare_data:
         "logs/prepare_data.log",
     benchmark:
         "benchmarks/prepare_data.tsv"
-    params:
-        data=config["data"],
-        seed=config["seed"],
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=1000,
-    conda:
-        "../../environment.yml"
+    params:
+        data=config["data"],
+        seed=config["seed"],
     script:
         "../scripts/prepare_data.py"

@@ -28,6 +28,11 @@ rule evaluate:
         "benchmarks/evaluate/{policy}.tsv"
     wildcard_constraints:
         policy="|".join(["sft"] + list(config["alignment"]["runs"])),
+    conda:
+        "../../environment.yml"
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
     params:
         evaluation=config["evaluation"],
         seed=config["seed"],
@@ -38,14 +43,11 @@ rule evaluate:
             if wc.policy == "sft"
             else {
                 key: value
-                for key, value in merged_run_config(config["alignment"], wc.policy).items()
+                for key, value in merged_run_config(
+                    config["alignment"], wc.policy
+                ).items()
                 if key in ("divergence", "target")
             }
         ),
-    threads: workflow.cores
-    resources:
-        mem_mb=6000,
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/evaluate.py"

@@ -5,7 +5,13 @@
 import os
 import re
 
-from fdpipe.stages.resources import ARTIFACTS, artifact_filename, artifact_key, artifact_path, base_model_dir
+from fdpipe.stages.resources import (
+    ARTIFACTS,
+    artifact_filename,
+    artifact_key,
+    artifact_path,
+    base_model_dir,
+)
 
 
 localrules:
@@ -20,16 +26,20 @@ rule fetch_resources:
     benchmark:
         "benchmarks/fetch_resources/{artifact}.tsv"
     wildcard_constraints:
-        artifact="|".join(re.escape(artifact_filename(config["resources"], k)) for k in ARTIFACTS),
-    params:
-        key=lambda wc: artifact_key(config["resources"], wc.artifact),
-        # the artifact's own section (version, sha256): changing it refetches this file only
-        artifact=lambda wc: config["resources"][artifact_key(config["resources"], wc.artifact)],
+        artifact="|".join(
+            re.escape(artifact_filename(config["resources"], k)) for k in ARTIFACTS
+        ),
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=500,
-    conda:
-        "../../environment.yml"
+    params:
+        key=lambda wc: artifact_key(config["resources"], wc.artifact),
+        # the artifact's own section (version, sha256): changing it refetches this file only
+        artifact=lambda wc: config["resources"][
+            artifact_key(config["resources"], wc.artifact)
+        ],
     script:
         "../scripts/fetch_resources.py"
 
@@ -43,12 +53,12 @@ rule prepare_base_model:
         "logs/prepare_base_model.log",
     benchmark:
         "benchmarks/prepare_base_model.tsv"
-    params:
-        smollm2=config["resources"]["smollm2"],
+    conda:
+        "../../environment.yml"
     threads: 2
     resources:
         mem_mb=3000,
-    conda:
-        "../../environment.yml"
+    params:
+        smollm2=config["resources"]["smollm2"],
     script:
         "../scripts/prepare_base_model.py"

@@ -7,25 +7,44 @@ rule report:
             "results/eval/{policy}/summary.parquet",
             policy=["sft"] + list(config["alignment"]["runs"]),
         ),
-        metrics=expand("results/align/{run}/metrics.parquet", run=list(config["alignment"]["runs"])),
+        metrics=expand(
+            "results/align/{run}/metrics.parquet",
+            run=list(config["alignment"]["runs"]),
+        ),
     output:
-        summary=report("results/report/summary.parquet", caption="../report/summary.rst", category="Tables"),
-        curves=report("results/report/curves.parquet", caption="../report/curves_table.rst", category="Tables"),
+        summary=report(
+            "results/report/summary.parquet",
+            caption="../report/summary.rst",
+            category="Tables",
+        ),
+        curves=report(
+            "results/report/curves.parquet",
+            caption="../report/curves_table.rst",
+            category="Tables",
+        ),
         frontier_png="results/report/frontier.png",
-        frontier_svg=report("results/report/frontier.svg", caption="../report/frontier.rst", category="Plots"),
+        frontier_svg=report(
+            "results/report/frontier.svg",
+            caption="../report/frontier.rst",
+            category="Plots",
+        ),
         curves_png="results/report/curves.png",
-        curves_svg=report("results/report/curves.svg", caption="../report/curves.rst", category="Plots"),
+        curves_svg=report(
+            "results/report/curves.svg",
+            caption="../report/curves.rst",
+            category="Plots",
+        ),
     log:
         "logs/report/report.log",
     benchmark:
         "benchmarks/report/report.tsv"
-    params:
-        report=config["report"],
-        seed=config["seed"],
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
-    conda:
-        "../../environment.yml"
+    params:
+        report=config["report"],
+        seed=config["seed"],
     script:
         "../scripts/report.py"

@@ -16,16 +16,16 @@ rule train_reward:
         "logs/reward.log",
     benchmark:
         "benchmarks/reward.tsv"
+    conda:
+        "../../environment.yml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
     params:
         reward=config["reward"],
         backbone=config["models"]["reward_backbone"],
         seed=config["seed"],
         device=config["device"],
         state="results/reward/state.pt",
-    threads: workflow.cores
-    resources:
-        mem_mb=4000,
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/train_reward.py"

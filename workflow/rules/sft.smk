@@ -17,15 +17,15 @@ rule sft:
         "logs/sft.log",
     benchmark:
         "benchmarks/sft.tsv"
+    conda:
+        "../../environment.yml"
+    threads: workflow.cores
+    resources:
+        mem_mb=6000,
     params:
         sft=config["sft"],
         base=config["models"]["base"],
         seed=config["seed"],
         device=config["device"],
-    threads: workflow.cores
-    resources:
-        mem_mb=6000,
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/sft.py"

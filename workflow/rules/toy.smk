@@ -12,38 +12,47 @@ rule toy_train:
         "benchmarks/toy/train_{divergence}.tsv"
     wildcard_constraints:
         divergence="|".join(config["toy"]["divergences"]),
-    params:
-        toy=config["toy"],
-        seed=config["seed"],
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=1000,
-    conda:
-        "../../environment.yml"
+    params:
+        toy=config["toy"],
+        seed=config["seed"],
     script:
         "../scripts/toy_study.py"
 
 
 rule toy_study:
     input:
-        parts=expand("results/toy/runs/{divergence}.parquet", divergence=config["toy"]["divergences"]),
+        parts=expand(
+            "results/toy/runs/{divergence}.parquet",
+            divergence=config["toy"]["divergences"],
+        ),
     output:
-        curves=report("results/toy/curves.parquet", caption="../report/toy_curves.rst", category="Toy study"),
+        curves=report(
+            "results/toy/curves.parquet",
+            caption="../report/toy_curves.rst",
+            category="Toy study",
+        ),
         png="results/toy/divergence_vs_step.png",
         svg=report(
-            "results/toy/divergence_vs_step.svg", caption="../report/toy_divergence_vs_step.rst", category="Toy study"
+            "results/toy/divergence_vs_step.svg",
+            caption="../report/toy_divergence_vs_step.rst",
+            category="Toy study",
         ),
     log:
         "logs/toy/study.log",
     benchmark:
         "benchmarks/toy/study.tsv"
-    params:
-        toy=config["toy"],
-        seed=config["seed"],
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=1000,
-    conda:
-        "../../environment.yml"
+    params:
+        toy=config["toy"],
+        seed=config["seed"],
     script:
         "../scripts/toy_study.py"
