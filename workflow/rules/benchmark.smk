@@ -9,9 +9,9 @@ rule benchmark_kernels:
         table="results/bench/kernels.parquet",
         markdown="results/bench/kernels.md",
     log:
-        "logs/bench/kernels.log",
+        "logs/benchmark_kernels/benchmark_kernels.log",
     benchmark:
-        "benchmarks/bench/kernels.tsv"
+        "benchmarks/benchmark_kernels/benchmark_kernels.tsv"
     conda:
         "../../environment.yml"
     threads: 1

@@ -14,9 +14,9 @@ rule prepare_data:
         prompts_train="results/data/prompts_train.parquet",
         prompts_eval="results/data/prompts_eval.parquet",
     log:
-        "logs/prepare_data.log",
+        "logs/prepare_data/prepare_data.log",
     benchmark:
-        "benchmarks/prepare_data.tsv"
+        "benchmarks/prepare_data/prepare_data.tsv"
     conda:
         "../../environment.yml"
     threads: 1

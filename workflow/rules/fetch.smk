@@ -50,9 +50,9 @@ rule prepare_base_model:
     output:
         directory(base_model_dir(config)),
     log:
-        "logs/prepare_base_model.log",
+        "logs/prepare_base_model/prepare_base_model.log",
     benchmark:
-        "benchmarks/prepare_base_model.tsv"
+        "benchmarks/prepare_base_model/prepare_base_model.tsv"
     conda:
         "../../environment.yml"
     threads: 2

@@ -13,9 +13,9 @@ rule train_reward:
         model=directory("results/reward/model"),
         metrics="results/reward/metrics.parquet",
     log:
-        "logs/reward.log",
+        "logs/train_reward/train_reward.log",
     benchmark:
-        "benchmarks/reward.tsv"
+        "benchmarks/train_reward/train_reward.tsv"
     conda:
         "../../environment.yml"
     threads: workflow.cores

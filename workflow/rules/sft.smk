@@ -14,9 +14,9 @@ rule sft:
         model=directory("results/sft/model"),
         metrics="results/sft/metrics.parquet",
     log:
-        "logs/sft.log",
+        "logs/sft/sft.log",
     benchmark:
-        "benchmarks/sft.tsv"
+        "benchmarks/sft/sft.tsv"
     conda:
         "../../environment.yml"
     threads: workflow.cores

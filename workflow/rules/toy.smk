@@ -7,9 +7,9 @@ rule toy_train:
     output:
         part="results/toy/runs/{divergence}.parquet",
     log:
-        "logs/toy/train_{divergence}.log",
+        "logs/toy_train/{divergence}.log",
     benchmark:
-        "benchmarks/toy/train_{divergence}.tsv"
+        "benchmarks/toy_train/{divergence}.tsv"
     wildcard_constraints:
         divergence="|".join(config["toy"]["divergences"]),
     conda:
@@ -43,9 +43,9 @@ rule toy_study:
             category="Toy study",
         ),
     log:
-        "logs/toy/study.log",
+        "logs/toy_study/toy_study.log",
     benchmark:
-        "benchmarks/toy/study.tsv"
+        "benchmarks/toy_study/toy_study.tsv"
     conda:
         "../../environment.yml"
     threads: 1
