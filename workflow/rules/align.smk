@@ -1,4 +1,7 @@
-# f-DPG alignment: one job per entry of alignment.runs.
+# f-DPG alignment: one job per entry of alignment.runs (results/align/{run}/).
+# The resumable state (params.state, results/align/{run}/state.pt) lives outside the
+# model folder, which Snakemake deletes when a job fails, so a killed job resumes
+# instead of restarting; it is removed once the stage has finished.
 
 
 rule align:
@@ -23,6 +26,6 @@ rule align:
         run_cfg=lambda wc: run_config(wc.run),
         seed=config["seed"],
         device=config["device"],
-        state="results/align/{run}.state.pt",
+        state=get_state("align", "run"),
     script:
         "../scripts/align.py"

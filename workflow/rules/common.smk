@@ -19,6 +19,18 @@ def run_config(run):
     return merged_run_config(config["alignment"], run)
 
 
+def get_state(stage, *wildcards):
+    """Resumable training state of a stage: results/<stage>/[{wildcard}/]state.pt.
+
+    get_state("sft") is results/sft/state.pt; get_state("align", "run") is
+    results/align/{run}/state.pt. The state sits beside the stage's directory() model
+    output, not in it: Snakemake deletes a failed job's outputs, so a killed job resumes
+    from here instead of restarting. The stage removes it once its outputs are written.
+    """
+    parts = ["results", stage, *(f"{{{name}}}" for name in wildcards), "state.pt"]
+    return "/".join(parts)
+
+
 def get_final_output():
     return [
         "results/report/summary.parquet",

@@ -1,6 +1,7 @@
 # Reward model: a scalar-head encoder trained on the preference pairs (results/reward/).
-# The resumable state (results/reward/state.pt) lives outside the model folder, so a killed
-# job resumes instead of restarting; it is removed once the stage has finished.
+# The resumable state (params.state, results/reward/state.pt) lives outside the model
+# folder, which Snakemake deletes when a job fails, so a killed job resumes instead of
+# restarting; it is removed once the stage has finished.
 
 
 rule train_reward:
@@ -26,6 +27,6 @@ rule train_reward:
         backbone=config["models"]["reward_backbone"],
         seed=config["seed"],
         device=config["device"],
-        state="results/reward/state.pt",
+        state=get_state("reward"),
     script:
         "../scripts/train_reward.py"

@@ -1,6 +1,7 @@
 # Supervised fine-tuning of the base model on the review sentences (results/sft/).
-# The resumable state (results/sft/state.pt) lives outside the model folder, so a killed
-# job resumes instead of restarting; it is removed once the stage has finished.
+# The resumable state (params.state, results/sft/state.pt) lives outside the model
+# folder, which Snakemake deletes when a job fails, so a killed job resumes instead of
+# restarting; it is removed once the stage has finished.
 from fdpipe.stages.resources import sft_base_input
 
 
@@ -27,5 +28,6 @@ rule sft:
         base=config["models"]["base"],
         seed=config["seed"],
         device=config["device"],
+        state=get_state("sft"),
     script:
         "../scripts/sft.py"

@@ -1,6 +1,6 @@
-"""Rule align: thin entry point around fdpipe.align.run."""
-from fdpipe.stages import align
+"""Rule align: thin entry point around fdpipe.stages.align.run."""
 from fdpipe.common.runtime import setup_logging
+from fdpipe.stages import align
 
 setup_logging(snakemake.log[0])
 align.run(

@@ -1,20 +1,18 @@
-"""Rule sft: thin entry point around fdpipe.sft.run."""
-import os
-
-from fdpipe.stages import sft
+"""Rule sft: thin entry point around fdpipe.stages.sft.run."""
 from fdpipe.common.runtime import setup_logging
+from fdpipe.stages import sft
 
 setup_logging(snakemake.log[0])
-model_dir = snakemake.output.model
 sft.run(
-    snakemake.input.get("base", snakemake.params.base),
-    snakemake.input.train,
-    snakemake.input.val,
-    snakemake.params.sft,
-    snakemake.params.seed,
-    model_dir,
-    snakemake.output.metrics,
-    os.path.join(os.path.dirname(os.path.normpath(model_dir)), "state.pt"),
+    # the base model folder when the rule has one, else the configured HF name
+    model_path=snakemake.input.get("base", snakemake.params.base),
+    train_path=snakemake.input.train,
+    val_path=snakemake.input.val,
+    cfg=snakemake.params.sft,
+    seed=snakemake.params.seed,
+    out_dir=snakemake.output.model,
+    metrics_path=snakemake.output.metrics,
+    state_path=snakemake.params.state,
     device=snakemake.params.device,
     threads=snakemake.threads,
 )
