@@ -1,7 +1,6 @@
 # Evaluation: every policy (`sft` and each alignment run) on the held-out prompts.
 # An aligned policy also reads its run's target.json and the SFT samples (for the SFT
 # model's divergences to that target), so the SFT evaluation never depends on a run.
-from fdpipe.common.config import merged_run_config
 
 
 rule evaluate:
@@ -27,7 +26,7 @@ rule evaluate:
     benchmark:
         "benchmarks/evaluate/{policy}.tsv"
     wildcard_constraints:
-        policy="|".join(["sft"] + list(config["alignment"]["runs"])),
+        policy="|".join(["sft"] + run_names()),
     conda:
         "../../environment.yml"
     threads: workflow.cores
@@ -43,9 +42,7 @@ rule evaluate:
             if wc.policy == "sft"
             else {
                 key: value
-                for key, value in merged_run_config(
-                    config["alignment"], wc.policy
-                ).items()
+                for key, value in run_config(wc.policy).items()
                 if key in ("divergence", "target")
             }
         ),

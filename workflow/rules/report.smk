@@ -5,12 +5,9 @@ rule report:
     input:
         summaries=expand(
             "results/eval/{policy}/summary.parquet",
-            policy=["sft"] + list(config["alignment"]["runs"]),
+            policy=["sft"] + run_names(),
         ),
-        metrics=expand(
-            "results/align/{run}/metrics.parquet",
-            run=list(config["alignment"]["runs"]),
-        ),
+        metrics=expand("results/align/{run}/metrics.parquet", run=run_names()),
     output:
         summary=report(
             "results/report/summary.parquet",
