@@ -1,11 +1,12 @@
-"""Rule prepare_data: thin entry point around fdpipe.data.run."""
-from fdpipe.stages import data
+"""Rule prepare_data: thin entry point around fdpipe.stages.data.run."""
 from fdpipe.common.runtime import setup_logging
+from fdpipe.stages import data
 
 setup_logging(snakemake.log[0])
 data.run(
-    snakemake.params.data,
-    snakemake.params.seed,
-    snakemake.input.get("source"),
-    {name: snakemake.output[name] for name in data.OUTPUTS},
+    data_cfg=snakemake.params.data,
+    seed=snakemake.params.seed,
+    # the vaderSentiment sdist or the local file; None for an hf: source
+    source_path=snakemake.input.get("source"),
+    outputs={name: snakemake.output[name] for name in data.OUTPUTS},
 )
