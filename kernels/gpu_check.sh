@@ -35,7 +35,7 @@ PY
 
 status=0
 "$PYTHON" -m pytest tests/kernels -q -p no:cacheprovider -rs 2>&1 | tee "$OUT_DIR/gpu_tests.log" || status=$?
-"$PYTHON" -m kernels.bench --out "$OUT_DIR/kernels.parquet" --markdown "$OUT_DIR/BENCHMARKS.md" 2>&1 \
+"$PYTHON" -m fdpipe_kernels.bench --out "$OUT_DIR/kernels.parquet" --markdown "$OUT_DIR/BENCHMARKS.md" 2>&1 \
     | tee "$OUT_DIR/bench.log"
 cp "$OUT_DIR/BENCHMARKS.md" kernels/BENCHMARKS.md
 echo "tests exit status: $status; results in $OUT_DIR"

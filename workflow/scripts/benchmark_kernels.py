@@ -1,4 +1,4 @@
-"""Rule benchmark_kernels: thin entry point around kernels.bench."""
+"""Rule benchmark_kernels: thin entry point around fdpipe_kernels.bench."""
 import torch
 
 from fdpipe.common.runtime import setup_logging
