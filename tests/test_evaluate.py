@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from fdpipe.common import tables
 from fdpipe.stages import evaluate
 from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.io import read_metadata, read_parquet, write_parquet
@@ -89,7 +90,7 @@ def sft_eval(assets):
 def test_sft_samples_schema_and_values(assets, sft_eval):
     out, summary = sft_eval
     samples = read_parquet(out / "samples.parquet")
-    assert list(samples.columns) == list(evaluate.SAMPLE_COLUMNS)
+    assert list(samples.columns) == list(tables.SAMPLE_COLUMNS)
     assert len(samples) == 5 * 3
     assert samples.groupby("prompt_id")["sample"].apply(lambda s: sorted(s) == [0, 1, 2]).all()
     assert (samples["policy"] == "sft").all()
@@ -106,7 +107,7 @@ def test_sft_samples_schema_and_values(assets, sft_eval):
 def test_sft_summary(sft_eval):
     out, summary = sft_eval
     on_disk = read_parquet(out / "summary.parquet")
-    assert list(on_disk.columns) == list(evaluate.SUMMARY_COLUMNS)
+    assert list(on_disk.columns) == list(tables.SUMMARY_COLUMNS)
     assert (on_disk["policy"] == "sft").all() and (on_disk["run"] == "sft").all()
     assert on_disk["divergence"].isna().all()
     metrics = on_disk.set_index("metric")

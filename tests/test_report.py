@@ -5,17 +5,17 @@ import pytest
 
 from fdpipe.stages import report
 from fdpipe.common.errors import ConfigError, DataError
-from fdpipe.stages.evaluate import SUMMARY_COLUMNS, _row, summary_frame
+from fdpipe.common.tables import SUMMARY_COLUMNS, summary_frame, summary_row
 from fdpipe.common.io import read_metadata, read_parquet, write_parquet
 
 
 def _summary(policy, run, divergence, target, kl, gold):
-    rows = [_row(policy, run, divergence, target, "kl_pi_sft", kl, kl - 0.1 * (kl > 0), kl + 0.1 * (kl > 0), 20),
-            _row(policy, run, divergence, target, "gold_mean", gold, gold - 0.05, gold + 0.05, 20),
-            _row(policy, run, divergence, target, "reward_mean", gold * 2, gold * 2 - 0.1, gold * 2 + 0.1, 20),
-            _row(policy, run, divergence, target, "self_bleu", 0.3, n=20)]
+    rows = [summary_row(policy, run, divergence, target, "kl_pi_sft", kl, kl - 0.1 * (kl > 0), kl + 0.1 * (kl > 0), 20),
+            summary_row(policy, run, divergence, target, "gold_mean", gold, gold - 0.05, gold + 0.05, 20),
+            summary_row(policy, run, divergence, target, "reward_mean", gold * 2, gold * 2 - 0.1, gold * 2 + 0.1, 20),
+            summary_row(policy, run, divergence, target, "self_bleu", 0.3, n=20)]
     if policy != "sft":
-        rows += [_row("sft", run, divergence, target, "kl_pi_p", 1.0, 0.8, 1.2, 20)]
+        rows += [summary_row("sft", run, divergence, target, "kl_pi_p", 1.0, 0.8, 1.2, 20)]
     return summary_frame(rows)
 
 

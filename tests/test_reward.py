@@ -12,7 +12,9 @@ from fdpipe.stages import reward
 from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.io import read_metadata, read_parquet
 from fdpipe.common.runtime import seed_everything
-from fdpipe.stages.reward import RewardConfig, RewardModel, batch_indices, bt_loss, pair_metrics, rating_metrics
+from fdpipe.models.reward_model import STATS_FILE, RewardModel, load_backbone, resolve_backbone
+from fdpipe.stages.reward import RewardConfig, bt_loss, pair_metrics, rating_metrics
+from fdpipe.training import checkpoint
 
 SCHEMA = "workflow/schemas/config.schema.yaml"
 
@@ -60,7 +62,7 @@ def data(tmp_path_factory):
 def tiny_backbone(tmp_path_factory):
     """A 2-layer BERT with random weights and the embedded MiniLM tokenizer, saved offline."""
     folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(reward.resolve_backbone("embedded"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("embedded"))
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=32, max_position_embeddings=64)
@@ -70,8 +72,9 @@ def tiny_backbone(tmp_path_factory):
 
 
 def _run(backbone, data, out, cfg, seed=0):
-    return reward.run(backbone, data["train"], data["val"], data["ratings"], cfg, seed, out / "model",
-                      out / "metrics.parquet", out / "state.pt", device="cpu", threads=1)
+    return reward.run(backbone=backbone, prefs_train_path=data["train"], prefs_val_path=data["val"],
+                      ratings_path=data["ratings"], cfg=cfg, seed=seed, out_dir=out / "model",
+                      metrics_path=out / "metrics.parquet", state_path=out / "state.pt", device="cpu", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -123,17 +126,6 @@ def test_rating_metrics():
     assert rating_metrics(-ratings, ratings)["pearson"] == pytest.approx(-1.0)
 
 
-def test_batch_indices_are_epoch_permutations_bucketed_by_length():
-    lengths = torch.tensor([5, 1, 9, 3, 7, 2, 8, 4, 6, 0])
-    first = [batch_indices(s, lengths, 3, seed=5) for s in range(3)]
-    assert len(set(torch.cat(first).tolist())) == 9  # 3 full batches per epoch, no repeats
-    assert all(torch.equal(a, batch_indices(s, lengths, 3, seed=5)) for s, a in enumerate(first))
-    assert not torch.equal(torch.cat([batch_indices(s, lengths, 3, seed=5) for s in range(3, 6)]), torch.cat(first))
-    # one bucket here: each batch is a run of the sorted lengths of the epoch's 9 rows
-    spans = sorted((lengths[b].min().item(), lengths[b].max().item()) for b in first)
-    assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))
-
-
 # ----------------------------------------------------------------------------- config
 
 def test_config_defaults_match_schema():
@@ -159,8 +151,8 @@ def test_config_errors_name_the_key():
 def test_training_beats_chance_and_writes_metrics(trained, data):
     out, final = trained
     seed_everything(0)  # the untrained model that run() starts from
-    model, tokenizer = reward.load_backbone("embedded")
-    before, _ = reward.evaluate(RewardModel(model, tokenizer, max_length=24), pd.read_parquet(data["val"]),
+    model, tokenizer = load_backbone("embedded")
+    before, _ = reward.heldout_metrics(RewardModel(model, tokenizer, max_length=24), pd.read_parquet(data["val"]),
                                 pd.read_parquet(data["ratings"]), 64)
     assert final["pair_accuracy"] >= 0.9 and final["pair_accuracy"] > before["pair_accuracy"] + 0.2
     assert final["spearman"] > 0.5
@@ -190,7 +182,7 @@ def test_saved_model_reloads_and_scores_identically(trained, data):
     assert scores.dtype == torch.float32 and scores.shape == (len(texts),) and not scores.requires_grad
     torch.testing.assert_close(scores, direct, atol=1e-5, rtol=1e-5)
 
-    stats = json.loads((model_dir / reward.STATS_FILE).read_text())
+    stats = json.loads((model_dir / STATS_FILE).read_text())
     assert stats["mean"] == pytest.approx(scores.double().mean().item(), abs=1e-5)
     assert stats["std"] == pytest.approx(scores.double().std(correction=0).item(), abs=1e-5)
     z = RewardModel.load(model_dir, "cpu", normalize=True).score(texts)
@@ -203,18 +195,18 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_backbone, data
            "checkpoint_every": 3}
     _run(tiny_backbone, data, tmp_path / "straight", cfg)
 
-    real_save = reward._save_state
+    real_save = checkpoint.save_state
 
-    def save_then_die(path, state):
-        real_save(path, state)
+    def save_then_die(path, fingerprint, **state):
+        real_save(path, fingerprint, **state)
         if state["step"] == 6:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(reward, "_save_state", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_backbone, data, tmp_path / "resumed", cfg)
     assert (tmp_path / "resumed" / "state.pt").exists() and not (tmp_path / "resumed" / "model").exists()
-    monkeypatch.setattr(reward, "_save_state", real_save)
+    monkeypatch.setattr(checkpoint, "save_state", real_save)
     _run(tiny_backbone, data, tmp_path / "resumed", cfg)
 
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "straight" / "model").state_dict()
@@ -227,11 +219,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_backbone, data
     pd.testing.assert_frame_equal(ma, mb, atol=1e-5, rtol=1e-5)
 
 
-def test_state_of_another_run_is_ignored(tiny_backbone, data, tmp_path):
+def test_state_of_another_run_stops_with_the_path(tiny_backbone, data, tmp_path):
     cfg = {"steps": 2, "batch_size": 4, "max_length": 16, "checkpoint_every": 1}
-    torch.save({"fingerprint": "other run", "step": 1}, tmp_path / "state.pt")
-    _run(tiny_backbone, data, tmp_path, cfg)
-    assert (tmp_path / "model" / "config.json").exists() and not (tmp_path / "state.pt").exists()
+    checkpoint.save_state(tmp_path / "state.pt", "another run", step=1)
+    with pytest.raises(DataError, match=r"state.pt: training state of another run .*delete it"):
+        _run(tiny_backbone, data, tmp_path, cfg)
+    assert (tmp_path / "state.pt").exists() and not (tmp_path / "model").exists()
 
 
 # ----------------------------------------------------------------------------- errors
@@ -243,7 +236,7 @@ def test_missing_and_malformed_inputs(tiny_backbone, data, tmp_path):
         _run(tiny_backbone, missing, tmp_path, cfg)
     bad = tmp_path / "bad.parquet"
     pd.DataFrame({"chosen": ["a"], "loser": ["b"]}).to_parquet(bad)
-    with pytest.raises(DataError, match=r"bad.parquet: missing column\(s\) \['rejected'\]"):
+    with pytest.raises(DataError, match=r"bad.parquet: missing column\(s\) rejected"):
         _run(tiny_backbone, dict(data, val=bad), tmp_path, cfg)
     pd.DataFrame({"chosen": [1, 2], "rejected": ["b", "c"]}).to_parquet(bad)
     with pytest.raises(DataError, match="column 'chosen': expected text"):
@@ -280,14 +273,3 @@ def test_load_errors_name_the_path(tmp_path, trained):
     (broken / "model.safetensors").write_bytes(b"truncated")
     with pytest.raises(DataError, match="broken: cannot load reward model"):
         RewardModel.load(broken, "cpu")
-
-
-def test_set_trainable_layers(tiny_backbone):
-    model, _ = reward.load_backbone(tiny_backbone)
-    reward.set_trainable_layers(model, -1)
-    assert all(p.requires_grad for p in model.parameters())
-    reward.set_trainable_layers(model, 1)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert any(n.startswith("bert.embeddings.") for n in frozen)
-    assert any(n.startswith("bert.encoder.layer.0.") for n in frozen)
-    assert not any(n.startswith(("bert.encoder.layer.1.", "bert.pooler.", "classifier.")) for n in frozen)

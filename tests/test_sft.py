@@ -4,9 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from fdpipe.stages import data, sft
+from fdpipe.training import checkpoint
 
 from fdpipe.models import causal_lm
-from fdpipe.common.errors import ConfigError
+from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.io import read_metadata
 
 import tiny_assets
@@ -88,30 +89,11 @@ def test_left_and_right_padding_give_the_same_loss(assets, tok):
     torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-6)
 
 
-def test_set_trainable_last_blocks_and_norm(assets):
-    model = causal_lm.load_causal_lm(assets["model"])
-    params = sft.set_trainable(model, 1)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names and all(n.startswith(("model.layers.1.", "model.norm.")) for n in names)
-    assert "model.norm.weight" in names and len(params) == len(names)
-    assert not model.model.embed_tokens.weight.requires_grad
-    assert len(sft.set_trainable(model, -1)) == len(list(model.parameters()))
-    with pytest.raises(ConfigError, match="sft.train_layers"):
-        sft.set_trainable(model, 3)
-
-
-def test_batches_are_seeded_epochs():
-    seen = [sft.batch_indices(s, 4, 10, 0) for s in range(5)]  # two full epochs
-    flat = torch.tensor([int(i) for b in seen for i in b])
-    assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:20].tolist()) == list(range(10))
-    assert (sft.batch_indices(3, 4, 10, 0) == seen[3]).all()
-    assert not (sft.batch_indices(0, 4, 10, 1) == seen[0]).all()
-
-
 def run_sft(assets, out, cfg=CFG, seed=0):
     out.mkdir(parents=True, exist_ok=True)
-    return sft.run(assets["model"], assets["train"], assets["val"], cfg, seed, out / "model",
-                   out / "metrics.parquet", out / "state.pt", device="cpu", threads=1)
+    return sft.run(model_path=assets["model"], train_path=assets["train"], val_path=assets["val"], cfg=cfg,
+                   seed=seed, out_dir=out / "model", metrics_path=out / "metrics.parquet",
+                   state_path=out / "state.pt", device="cpu", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +159,12 @@ def test_killed_run_resumes_to_the_same_result(trained, assets, tmp_path, monkey
     assert resumed[keep].reset_index(drop=True).equals(straight[keep].reset_index(drop=True))
 
 
-def test_state_of_another_config_is_ignored(assets, tmp_path):
+def test_state_of_another_config_stops_with_the_path(assets, tmp_path):
     cfg = {**CFG, "steps": 2, "eval_every": 2, "checkpoint_every": 1}
-    torch.save({"fingerprint": "other", "step": 2, "trained": {}, "metrics": []}, tmp_path / "state.pt")
-    metrics = run_sft(assets, tmp_path, cfg)
-    assert sorted(set(metrics[metrics.split == "train"].step)) == [1, 2]
+    run_sft(assets, tmp_path, cfg)   # leaves no state behind; write one of a longer run
+    checkpoint.save_state(tmp_path / "state.pt", "another run", step=1, trained={}, metrics=[])
+    with pytest.raises(DataError, match=r"state.pt: training state of another run .*delete it"):
+        run_sft(assets, tmp_path, cfg)
 
 
 @pytest.mark.parametrize("key,value", [("steps", 0), ("lr", 0), ("train_layers", -2),

@@ -132,9 +132,14 @@ def write_parquet(df: pd.DataFrame, path, meta: dict | None = None) -> None:
         pq.write_table(table, tmp)
 
 
-def read_parquet(path, required=()) -> pd.DataFrame:
-    """Read a Parquet file, with a one-line error naming the path when it is missing, corrupt
-    or lacks one of the `required` columns."""
+def read_parquet(path, required=(), *, min_rows: int = 0) -> pd.DataFrame:
+    """Read a Parquet file, with a one-line error naming the path when it is missing, corrupt,
+    lacks one of the `required` columns or has fewer than `min_rows` rows.
+
+    `required` is a sequence of column names, or a mapping name -> kind where kind ``"text"``
+    or ``"number"`` also checks that the column has no missing values and holds strings or
+    (non-boolean) numbers; kind None checks presence only.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
@@ -142,10 +147,27 @@ def read_parquet(path, required=()) -> pd.DataFrame:
         df = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise DataError(path, f"not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    missing = [c for c in required if c not in df.columns]
+    kinds = dict(required) if isinstance(required, dict) else dict.fromkeys(required)
+    missing = [c for c in kinds if c not in df.columns]
     if missing:
         raise DataError(path, f"missing column(s) {', '.join(missing)}")
+    if len(df) < min_rows:
+        raise DataError(path, f"expected at least {min_rows} row(s), found {len(df)}")
+    for column, kind in kinds.items():
+        if kind is not None:
+            _check_column(df[column], column, kind, path)
     return df
+
+
+def _check_column(values: pd.Series, column: str, kind: str, path) -> None:
+    if values.isna().any():
+        raise DataError(path, f"column '{column}' has {int(values.isna().sum())} missing value(s)")
+    if kind == "text" and not values.map(lambda v: isinstance(v, str)).all():
+        raise DataError(path, f"column '{column}': expected text, got dtype {values.dtype}")
+    if kind == "number" and (not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)):
+        raise DataError(path, f"column '{column}': expected numbers, got dtype {values.dtype}")
+    if kind not in ("text", "number"):
+        raise ValueError(f"column kind: expected 'text', 'number' or None, got {kind!r}")
 
 
 def read_metadata(path) -> dict:

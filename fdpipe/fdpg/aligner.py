@@ -1,8 +1,8 @@
 """The f-DPG training loop, independent of what the policy is.
 
-`Aligner` composes the pieces — a policy and a frozen base (`fdpipe.policy.CausalPolicy`),
-a reward function, a `fdpipe.targets.Target`, the estimators and the update of
-`fdpipe.fdpg` — into one step:
+`Aligner` composes the pieces — a policy and a frozen base (`fdpipe.models.policy.CausalPolicy`),
+a reward function, a `fdpipe.fdpg.targets.Target`, the estimators and the update of
+`fdpipe.fdpg.update` — into one step:
 
 1. draw ``samples_per_prompt`` completions for ``prompts_per_step`` prompts from the
    proposal ``q`` (the policy itself, or a frozen copy of it with ``proposal: offline``);
@@ -13,7 +13,7 @@ a reward function, a `fdpipe.targets.Target`, the estimators and the update of
 6. metrics (see `STEP_METRICS`); with an offline proposal, ``q`` is replaced by the policy
    when the policy is estimated to be closer to ``p`` (``E_p[log q − log π_θ] < 0``).
 
-The language-model stage (`fdpipe.align`) and the exact toy space (`fdpipe.toy`) both run
+The language-model stage (`fdpipe.stages.align`) and the exact toy space (`fdpipe.fdpg.toy`) both run
 this class; only the policy, the reward function and the prompts differ.
 """
 from __future__ import annotations
@@ -27,10 +27,11 @@ import torch
 
 import fdpipe_kernels as kernels
 
-from fdpipe.fdpg import divergences, estimators, update
 from fdpipe.common.errors import ConfigError
-from fdpipe.models.policy import CausalPolicy, Samples
+from fdpipe.fdpg import divergences, estimators, update
 from fdpipe.fdpg.targets import Target, fit_lambda
+from fdpipe.models.policy import CausalPolicy, Samples
+from fdpipe.training import checkpoint, optim
 
 STEP_METRICS = {
     "objective": "importance-sampling estimate of D_f(π‖p) for the run's divergence",
@@ -144,7 +145,7 @@ class Aligner:
                  cfg: AlignConfig, *, generator: torch.Generator, gold_fn=None):
         self.policy, self.base, self.reward_fn, self.target = policy, base, reward_fn, target
         self.prompts, self.cfg, self.generator, self.gold_fn = prompts, cfg, generator, gold_fn
-        self.optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=cfg.lr)
+        self.optimizer = optim.adamw(policy.trainable_parameters(), cfg.lr)  # no weight decay: Adam
         self.log_z = estimators.RunningLogZ()
         self.proposal = self._frozen_copy(policy) if cfg.proposal == "offline" else None
         self.step_count = 0
@@ -217,9 +218,7 @@ class Aligner:
         loss = update.surrogate_loss(log_pi, advantages, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        grad_norm = optim.clipped_step(self.optimizer, policy.trainable_parameters(), cfg.grad_clip)
         t_trained = time.perf_counter()
 
         metrics = self._metrics(samples, reward, log_pi_d, log_a, log_target, log_q, log_z, rewards, loss,
@@ -287,10 +286,14 @@ class Aligner:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
+        """What changes while training: the policy's trainable parameters (and the offline
+        proposal's values of them), optimizer, Z estimates, λ, prompt order and RNG streams."""
+        trained = [n for n, p in self.policy.model.named_parameters() if p.requires_grad]
         return {
             "step": self.step_count,
-            "policy": {k: v for k, v in self.policy.model.state_dict().items()},
-            "proposal": self.proposal.model.state_dict() if self.proposal is not None else None,
+            "policy": checkpoint.trainable_tensors(self.policy.model, trained),
+            "proposal": (checkpoint.trainable_tensors(self.proposal.model, trained)
+                         if self.proposal is not None else None),
             "optimizer": self.optimizer.state_dict(),
             "log_z": self.log_z.state_dict(),
             "lambda": self.target.lam,
@@ -299,13 +302,14 @@ class Aligner:
             "torch_rng": torch.get_rng_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source="state") -> None:
+        """Restore `state_dict()`; `source` (the state file) is named in errors."""
         self.step_count = int(state["step"])
-        self.policy.model.load_state_dict(state["policy"])
+        checkpoint.load_tensors(self.policy.model, state["policy"], source)
         if state.get("proposal") is not None:
             if self.proposal is None:
                 self.proposal = self._frozen_copy(self.policy)
-            self.proposal.model.load_state_dict(state["proposal"])
+            checkpoint.load_tensors(self.proposal.model, state["proposal"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.log_z.load_state_dict(state["log_z"])
         self.target.lam = state["lambda"]

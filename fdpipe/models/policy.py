@@ -116,6 +116,13 @@ class CausalPolicy:
         self._cache_kwarg: str | None = None
         self._keep_kwarg = False
 
+    @classmethod
+    def for_tokenizer(cls, model, tokenizer, *, max_new_tokens: int, decode: bool = True) -> "CausalPolicy":
+        """A policy whose EOS and pad tokens are the tokenizer's; `decode` fills the texts of
+        its samples (the tokenizer is only used for that)."""
+        return cls(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   max_new_tokens=max_new_tokens, tokenizer=tokenizer if decode else None)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

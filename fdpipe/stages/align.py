@@ -3,12 +3,13 @@
 Base ``a`` = the SFT model (frozen); the policy starts as a copy of it. The proxy reward is
 the trained reward model (standardised with the mean and std of its held-out scores, so a
 run's ``beta`` or ``threshold`` is in units of reward standard deviations); the gold reward
-(VADER compound) is only reported. The loop itself is `fdpipe.alignment.Aligner`.
+(VADER compound) is only reported. The loop itself is `fdpipe.fdpg.aligner.Aligner`.
 
 Outputs: ``model/`` (HF ``save_pretrained``), ``metrics.parquet`` (one row per step, the
-columns of `fdpipe.alignment.STEP_METRICS`) and ``target.json`` (the target with its fitted
-λ). Resumable state (policy, optimiser, Z estimates, RNG, metrics so far) is kept in
-``state_path`` beside the outputs and removed after a successful run.
+columns of `fdpipe.fdpg.aligner.STEP_METRICS`) and ``target.json`` (the target with its fitted
+λ). Resumable state (the policy's trainable parameters, optimiser, Z estimates, RNG, metrics
+so far; `fdpipe.training.checkpoint`) is kept in ``state_path`` beside the outputs and
+removed after a successful run.
 """
 from __future__ import annotations
 
@@ -16,29 +17,26 @@ import copy
 import json
 import logging
 import math
-from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fdpipe.models import causal_lm, gold
-from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
-from fdpipe.common.errors import DataError
 from fdpipe.common.io import atomic_path, provenance, read_parquet, write_parquet
-from fdpipe.models.policy import CausalPolicy
-from fdpipe.stages.reward import RewardModel
 from fdpipe.common.runtime import pick_device, seed_everything, set_threads
-from fdpipe.stages.sft import set_trainable
+from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
 from fdpipe.fdpg.targets import Target
+from fdpipe.models import causal_lm, gold
+from fdpipe.models.policy import CausalPolicy
+from fdpipe.models.reward_model import RewardModel
+from fdpipe.models.trainable import set_trainable
+from fdpipe.training import checkpoint
 
 log = logging.getLogger("fdpipe.align")
 
 
 def _prompt_tokens(tokenizer, path) -> tuple[list, list[list[int]]]:
-    prompts = read_parquet(path, required=("prompt_id", "prompt"))
-    if prompts.empty:
-        raise DataError(path, "no prompts")
+    prompts = read_parquet(path, required={"prompt_id": None, "prompt": "text"}, min_rows=1)
     tokens = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts["prompt"].tolist()]
     return prompts["prompt_id"].astype(str).tolist(), tokens
 
@@ -55,6 +53,8 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     set_threads(threads)
     dev = pick_device(device)
     seed_everything(seed)
+    fingerprint = checkpoint.fingerprint({"run": run_name, **run_cfg}, seed, {
+        "sft_model": sft_model, "reward_model": reward_model, "prompts": prompts_path})
 
     tokenizer = causal_lm.load_tokenizer(sft_model)
     base_model = causal_lm.load_causal_lm(sft_model, dev)
@@ -63,9 +63,8 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     policy_model = copy.deepcopy(base_model)
     n_train = sum(p.numel() for p in set_trainable(policy_model, train_layers, key=f"{key}.train_layers"))
     log.info("run %s: %s on %s, %d trainable parameters", run_name, cfg.divergence, target.describe(), n_train)
-    make = lambda m: CausalPolicy(m, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  max_new_tokens=max_new_tokens, tokenizer=tokenizer)
-    policy, base = make(policy_model), make(base_model)
+    policy = CausalPolicy.for_tokenizer(policy_model, tokenizer, max_new_tokens=max_new_tokens)
+    base = CausalPolicy.for_tokenizer(base_model, tokenizer, max_new_tokens=max_new_tokens)
 
     scorer = RewardModel.load(reward_model, dev, normalize=True)
     reward_fn = lambda samples: scorer.score(samples.texts).to(dev)
@@ -76,15 +75,11 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
                       generator=generator, gold_fn=gold_fn)
 
     rows: list[dict] = []
-    state_path = Path(state_path)
-    if state_path.exists():
-        try:
-            state = torch.load(state_path, map_location=dev, weights_only=False)
-            aligner.load_state_dict(state["aligner"])
-            rows = state["metrics"]
-        except Exception as exc:
-            raise DataError(state_path, f"corrupt resume state ({type(exc).__name__}); delete it to restart") from None
-        log.info("resumed %s at step %d from %s", run_name, aligner.step_count, state_path)
+    state = checkpoint.load_state(state_path, fingerprint)
+    if state is not None:
+        aligner.load_state_dict(state["aligner"], source=state_path)
+        rows = list(state["metrics"])
+        log.info("resumed %s at step %d", run_name, aligner.step_count)
 
     bar = tqdm(total=cfg.steps, initial=aligner.step_count, desc=f"align {run_name}", unit="step")
     while aligner.step_count < cfg.steps:
@@ -96,8 +91,7 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
         log.info("step %d %s", metrics["step"], " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                            if isinstance(v, float)))
         if aligner.step_count % checkpoint_every == 0 and aligner.step_count < cfg.steps:
-            with atomic_path(state_path) as tmp:
-                torch.save({"aligner": aligner.state_dict(), "metrics": rows}, tmp)
+            checkpoint.save_state(state_path, fingerprint, aligner=aligner.state_dict(), metrics=rows)
     bar.close()
 
     frame = pd.DataFrame(rows)
@@ -114,5 +108,5 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     write_parquet(frame, out_metrics, meta)
     with atomic_path(out_target) as tmp:
         tmp.write_text(json.dumps(target_info, indent=2))
-    state_path.unlink(missing_ok=True)
+    checkpoint.remove_state(state_path)
     return frame

@@ -42,49 +42,24 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fdpipe.fdpg import estimators
-
 from fdpipe.common import text_metrics
 from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.io import provenance, read_parquet, write_parquet
-from fdpipe.models.policy import CausalPolicy
 from fdpipe.common.runtime import pick_device, set_threads
 from fdpipe.common.stats import bootstrap_ci, normal_interval
+from fdpipe.common.tables import SAMPLE_COLUMNS, SUMMARY_COLUMNS, summary_frame, summary_row
+from fdpipe.fdpg import estimators
 from fdpipe.fdpg.targets import Target
+from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
+from fdpipe.models.gold import gold_reward
+from fdpipe.models.policy import CausalPolicy
+from fdpipe.models.reward_model import RewardModel
 
 log = logging.getLogger("fdpipe.evaluate")
 
 SFT = "sft"
 
-SAMPLE_COLUMNS = {
-    "policy": "policy that generated the sample: `sft` or an alignment run name",
-    "prompt_id": "id of the held-out prompt (from prompts_eval.parquet)",
-    "sample": "index of the sample among those of its prompt (0-based)",
-    "prompt": "prompt text",
-    "completion": "generated continuation, decoded, EOS removed",
-    "text": "prompt + completion decoded together: what the reward model and VADER score",
-    "length": "completion length in tokens (EOS included when generated)",
-    "logp_policy": "log π(completion | prompt) under the policy (sum over completion tokens)",
-    "logp_sft": "log a(completion | prompt) under the SFT model",
-    "entropy": "sum over completion tokens of the policy's per-token entropy (nats)",
-    "reward": "proxy reward of `text`, standardized: (raw − mean) / std with the reward model's reward_stats.json (the scale alignment trains on)",
-    "reward_raw": "raw reward-model score of `text`",
-    "gold": "gold reward: VADER compound score of `text`, in [-1, 1]",
-}
-
-SUMMARY_COLUMNS = {
-    "policy": "`sft` or an alignment run name: whose samples the row is computed from",
-    "run": "`sft` for the SFT model's own metrics, else the alignment run whose target the row refers to",
-    "divergence": "the run's f-divergence (null for the SFT model's own metrics)",
-    "target": "the run's target description (null for the SFT model's own metrics)",
-    "metric": "metric name (see the metric table)",
-    "value": "estimate",
-    "ci_low": "lower end of the interval (null where there is none)",
-    "ci_high": "upper end of the interval (null where there is none)",
-    "n": "number of samples the estimate uses",
-}
-
-# Names follow the training metrics of fdpipe.alignment.STEP_METRICS where they coincide.
+# Names follow the training metrics of fdpipe.fdpg.aligner.STEP_METRICS where they coincide.
 DIVERGENCE_METRICS = {"rkl": "kl_pi_p", "fkl": "kl_p_pi", "js": "js", "tv": "tv", "chi2": "chi2",
                       "rchi2": "rchi2"}
 
@@ -126,9 +101,7 @@ class EvalConfig:
 
 def read_prompts(path, max_prompts: int | None = None) -> pd.DataFrame:
     """Held-out prompts (columns prompt_id, prompt), the first `max_prompts` of them."""
-    df = read_parquet(path, required=("prompt_id", "prompt"))
-    if df.empty:
-        raise DataError(path, "no prompts")
+    df = read_parquet(path, required=("prompt_id", "prompt"), min_rows=1)
     df = df[["prompt_id", "prompt"]].astype({"prompt_id": str, "prompt": str})
     if df["prompt_id"].duplicated().any():
         raise DataError(path, f"duplicate prompt_id {df['prompt_id'][df['prompt_id'].duplicated()].iloc[0]!r}")
@@ -227,11 +200,6 @@ def sample_policy(policy: CausalPolicy, prompts: pd.DataFrame, cfg: EvalConfig, 
 
 # --------------------------------------------------------------------------- summaries
 
-def _row(policy, run, divergence, target, metric, value, low=math.nan, high=math.nan, n=0) -> dict:
-    return {"policy": policy, "run": run, "divergence": divergence, "target": target, "metric": metric,
-            "value": float(value), "ci_low": float(low), "ci_high": float(high), "n": int(n)}
-
-
 def summarize(samples: pd.DataFrame, cfg: EvalConfig, *, policy: str, run: str, divergence: str | None,
               target: str | None, seed: int) -> list[dict]:
     """Target-free metrics of one policy's samples (rows of the summary table)."""
@@ -239,22 +207,22 @@ def summarize(samples: pd.DataFrame, cfg: EvalConfig, *, policy: str, run: str, 
     n = len(samples)
     rows = []
 
-    def mean_row(metric, values, weights=None):
+    def meansummary_row(metric, values, weights=None):
         ci = bootstrap_ci(values, weights=weights, groups=groups, confidence=cfg.confidence,
                           resamples=cfg.bootstrap_resamples, seed=seed)
-        rows.append(_row(policy, run, divergence, target, metric, ci.value, ci.low, ci.high, n))
+        rows.append(summary_row(policy, run, divergence, target, metric, ci.value, ci.low, ci.high, n))
 
     length = samples["length"].to_numpy(dtype=np.float64)
-    mean_row("reward_mean", samples["reward"].to_numpy())
-    mean_row("gold_mean", samples["gold"].to_numpy())
-    mean_row("kl_pi_sft", (samples["logp_policy"] - samples["logp_sft"]).to_numpy())
-    mean_row("entropy_per_token", samples["entropy"].to_numpy() / np.maximum(length, 1), weights=length)
-    mean_row("completion_length", length)
+    meansummary_row("reward_mean", samples["reward"].to_numpy())
+    meansummary_row("gold_mean", samples["gold"].to_numpy())
+    meansummary_row("kl_pi_sft", (samples["logp_policy"] - samples["logp_sft"]).to_numpy())
+    meansummary_row("entropy_per_token", samples["entropy"].to_numpy() / np.maximum(length, 1), weights=length)
+    meansummary_row("completion_length", length)
     completions = samples["completion"].tolist()
     for order in range(1, cfg.distinct_max_n + 1):
-        rows.append(_row(policy, run, divergence, target, f"distinct_{order}",
+        rows.append(summary_row(policy, run, divergence, target, f"distinct_{order}",
                          text_metrics.distinct_n(completions, order), n=n))
-    rows.append(_row(policy, run, divergence, target, "self_bleu",
+    rows.append(summary_row(policy, run, divergence, target, "self_bleu",
                      text_metrics.self_bleu(completions, max_n=cfg.bleu_max_n), n=n))
     return rows
 
@@ -283,33 +251,16 @@ def target_divergences(samples: pd.DataFrame, target: Target, cfg: EvalConfig, *
     for name, metric in DIVERGENCE_METRICS.items():
         est = estimates[name]
         low, high = normal_interval(est.value, est.stderr, cfg.confidence)
-        rows.append(_row(policy, run, divergence, describe, metric, est.value, low, high, n))
+        rows.append(summary_row(policy, run, divergence, describe, metric, est.value, low, high, n))
     est = estimates[divergence]
     low, high = normal_interval(est.value, est.stderr, cfg.confidence)
-    rows.append(_row(policy, run, divergence, describe, "objective", est.value, low, high, n))
+    rows.append(summary_row(policy, run, divergence, describe, "objective", est.value, low, high, n))
     log_z = estimators.log_partition(log_target - log_pi, group, num_groups)
-    rows.append(_row(policy, run, divergence, describe, "log_z", float(log_z.mean()), n=n))
+    rows.append(summary_row(policy, run, divergence, describe, "log_z", float(log_z.mean()), n=n))
     ci = bootstrap_ci(target.constraint(reward).numpy(), groups=codes, confidence=cfg.confidence,
                       resamples=cfg.bootstrap_resamples, seed=seed)
-    rows.append(_row(policy, run, divergence, describe, "constraint", ci.value, ci.low, ci.high, n))
+    rows.append(summary_row(policy, run, divergence, describe, "constraint", ci.value, ci.low, ci.high, n))
     return rows
-
-
-def summary_frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-    for col in ("policy", "run", "divergence", "target", "metric"):
-        df[col] = df[col].astype("string")
-    df["n"] = df["n"].astype("int64")
-    return df
-
-
-def check_samples(df: pd.DataFrame, path) -> pd.DataFrame:
-    missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)}")
-    if df.empty:
-        raise DataError(path, "no samples")
-    return df
 
 
 # --------------------------------------------------------------------------- stage
@@ -331,10 +282,6 @@ def run(policy: str, policy_model, sft_model, reward_model, prompts_path, sample
             the SFT model's samples.parquet; required for an aligned policy, unused for ``sft``.
         config: what the outputs' config hash covers (defaults to the arguments above).
     """
-    from fdpipe.models.gold import gold_reward
-    from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
-    from fdpipe.stages.reward import RewardModel
-
     eval_cfg = EvalConfig.from_dict(cfg)
     aligned = policy != SFT
     if aligned and (divergence is None or target_path is None or sft_samples_path is None):
@@ -344,20 +291,19 @@ def run(policy: str, policy_model, sft_model, reward_model, prompts_path, sample
                           divergence)
     prompts = read_prompts(prompts_path, eval_cfg.max_prompts)
     target, reward_normalized = read_target(target_path) if aligned else (None, False)
-    sft_samples = check_samples(read_parquet(sft_samples_path), sft_samples_path) if aligned else None
+    sft_samples = read_parquet(sft_samples_path, required=list(SAMPLE_COLUMNS), min_rows=1) if aligned else None
 
     set_threads(threads)
     dev = pick_device(device)
     t0 = time.perf_counter()
     model_path = policy_model if aligned else sft_model
     tokenizer = load_tokenizer(model_path)
-    pi = CausalPolicy(load_causal_lm(model_path, dev), eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, max_new_tokens=eval_cfg.max_new_tokens,
-                      tokenizer=tokenizer)
+    pi = CausalPolicy.for_tokenizer(load_causal_lm(model_path, dev), tokenizer,
+                                    max_new_tokens=eval_cfg.max_new_tokens)
     sft = None
     if aligned:
-        sft = CausalPolicy(load_causal_lm(sft_model, dev), eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, max_new_tokens=eval_cfg.max_new_tokens)
+        sft = CausalPolicy.for_tokenizer(load_causal_lm(sft_model, dev), tokenizer,
+                                         max_new_tokens=eval_cfg.max_new_tokens, decode=False)
     scorer = RewardModel.load(reward_model, dev)
     log.info("policy %s: %d prompts x %d samples, %d new tokens, device %s (models loaded in %.1f s)",
              policy, len(prompts), eval_cfg.samples_per_prompt, eval_cfg.max_new_tokens, dev,

@@ -3,14 +3,14 @@
 Outputs of `run`:
 
 * ``summary.parquet``: all ``results/eval/{policy}/summary.parquet`` tables concatenated
-  (columns of `fdpipe.evaluate.SUMMARY_COLUMNS`);
+  (columns of `fdpipe.common.tables.SUMMARY_COLUMNS`);
 * ``curves.parquet``: every alignment run's per-step metrics in long form
   (``run, divergence, target, step, metric, value``; NaN values — metrics a run does not
   record, such as λ of a non-distributional target — are left out);
 * ``frontier.{png,svg}``: gold and proxy reward against ``KL(π‖SFT)`` per policy, with intervals;
 * ``curves.{png,svg}``: training curves per run, coloured by divergence.
 
-Each table carries the provenance metadata of `fdpipe.io.provenance` plus the config hash
+Each table carries the provenance metadata of `fdpipe.common.io.provenance` plus the config hash
 and path of every input it was built from (``sources``).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import pandas as pd
 
 from fdpipe.common import plots
 from fdpipe.common.errors import ConfigError, DataError
-from fdpipe.stages.evaluate import SUMMARY_COLUMNS
 from fdpipe.common.io import provenance, read_metadata, read_parquet, write_parquet
+from fdpipe.common.tables import SUMMARY_COLUMNS
 
 log = logging.getLogger("fdpipe.report")
 
@@ -34,7 +34,7 @@ CURVE_COLUMNS = {
     "divergence": "the run's f-divergence",
     "target": "the run's target description",
     "step": "optimizer step (1-based)",
-    "metric": "training metric name (see fdpipe.alignment.STEP_METRICS)",
+    "metric": "training metric name (see fdpipe.fdpg.aligner.STEP_METRICS)",
     "value": "its value at that step",
 }
 
@@ -82,7 +82,7 @@ def read_summaries(paths) -> pd.DataFrame:
         raise ValueError("the report needs at least one evaluation summary")
     frames = []
     for path in paths:
-        df = read_parquet(path, required=SUMMARY_COLUMNS)
+        df = read_parquet(path, required=list(SUMMARY_COLUMNS))
         frames.append(df[list(SUMMARY_COLUMNS)])
     out = pd.concat(frames, ignore_index=True)
     key = ["policy", "run", "metric"]

@@ -12,28 +12,31 @@ every parameter, embeddings and LM head included). The loop reads top to bottom:
 loss -> step -> (evaluate) -> (checkpoint). A checkpoint (``state.pt``: trained
 parameters, optimizer, scheduler, step, RNG, metrics so far) is written every
 ``checkpoint_every`` steps beside the model folder, so a killed run resumes where it
-stopped; it is only reused when it was written for the same config, seed, model and data.
+stopped (`fdpipe.training.checkpoint`: a state written for another config, seed, model or
+data stops the stage with a message naming the file).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fdpipe.common.errors import ConfigError, DataError
-from fdpipe.common.io import atomic_path, config_hash, provenance, read_parquet, sha256_file, write_parquet
-from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer, save_causal_lm
+from fdpipe.common.errors import ConfigError
+from fdpipe.common.io import provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import pick_device, seed_everything, set_threads
+from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer, save_causal_lm
+from fdpipe.models.trainable import eval_mode, set_trainable
+from fdpipe.training import checkpoint, optim
+from fdpipe.training.batches import epoch_batches
 
 log = logging.getLogger("fdpipe.sft")
 
 IGNORE = -100
+EXAMPLE_COLUMNS = {"prompt": "text", "completion": "text"}
 LOG_EVERY = 10  # steps between progress lines in the log (the progress bar goes to stderr)
 INT_KEYS = {"steps": 1, "batch_size": 1, "warmup_steps": 0, "max_length": 2, "eval_every": 1,
             "eval_batches": 1, "checkpoint_every": 1}
@@ -103,52 +106,6 @@ def collate(examples, pad_id: int, padding_side: str = "right") -> dict:
 
 # ---------------------------------------------------------------------------- model
 
-def _decoder_blocks(model):
-    base = model.base_model
-    for name in ("layers", "h", "blocks"):
-        blocks = getattr(base, name, None)
-        if isinstance(blocks, torch.nn.ModuleList):
-            return blocks
-    raise ConfigError("sft.train_layers", "a model whose decoder blocks can be found "
-                                          "(base_model.layers / .h / .blocks), or -1",
-                      type(model).__name__)
-
-
-def _final_norm(model):
-    base = model.base_model
-    for name in ("norm", "ln_f", "final_layer_norm"):
-        module = getattr(base, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
-
-
-def set_trainable(model, train_layers: int, key: str = "sft.train_layers") -> list[torch.nn.Parameter]:
-    """Freeze everything but the last `train_layers` blocks and the final norm (-1: train all).
-
-    Returns the trainable parameters. With tied input/output embeddings (SmolLM2) the
-    embeddings and LM head stay frozen unless `train_layers` is -1.
-    """
-    if train_layers == -1:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        blocks = _decoder_blocks(model)
-        if train_layers > len(blocks):
-            raise ConfigError(key, f"at most {len(blocks)} (the model's blocks) "
-                                                  f"or -1", train_layers)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        chosen = list(blocks[len(blocks) - train_layers:])
-        norm = _final_norm(model)
-        if norm is not None:
-            chosen.append(norm)
-        for module in chosen:
-            for p in module.parameters():
-                p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def token_logprobs(model, batch: dict) -> torch.Tensor:
     """log p(token t | tokens < t) for t = 1..T-1, [B, T-1]; 0 where the label is -100.
 
@@ -177,107 +134,28 @@ def completion_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return -logp.sum() / max(n_tokens, 1), n_tokens
 
 
-@torch.no_grad()
-def evaluate(model, batches, device) -> dict[str, float]:
+def validation_loss(model, batches, device) -> dict[str, float]:
     """Token-weighted mean completion loss and its perplexity over `batches`."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, n = completion_loss(model, batch)
-        total += float(loss) * n
-        count += n
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, n = completion_loss(model, batch)
+            total += float(loss) * n
+            count += n
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
-# ---------------------------------------------------------------------------- schedule / data order
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / span, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
-    """Example indices of training step `step`: epochs of seeded permutations, laid end to end.
-
-    Depends only on (step, batch_size, n, seed), so a resumed run sees the same batches.
-    """
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs = positions // n
-    out = np.empty(batch_size, dtype=np.int64)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
-        sel = epochs == epoch
-        out[sel] = perm[positions[sel] % n]
-    return out
-
-
-def _optimizer(params, cfg):
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"])
-
-
-# ---------------------------------------------------------------------------- state
-
-def _model_fingerprint(model_path) -> object:
-    """Name for hub models; (file, size, mtime) of every file for local folders."""
-    path = Path(model_path)
-    if not path.is_dir():
-        return str(model_path)
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
-                  if p.is_file())
-
-
-def run_fingerprint(model_path, train_path, val_path, cfg, seed) -> str:
-    """What a checkpoint must match to be resumed."""
-    return config_hash({"sft": cfg, "seed": seed, "model": _model_fingerprint(model_path),
-                        "train": sha256_file(train_path), "val": sha256_file(val_path)})
-
-
-def save_state(path, fingerprint, step, model, optimizer, scheduler, metrics) -> None:
-    trained = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    state = {"fingerprint": fingerprint, "step": step, "trained": trained,
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": torch.get_rng_state(), "metrics": metrics}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path, fingerprint):
-    """The checkpoint at `path` if it exists and matches `fingerprint`, else None."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: start over rather than fail
-        log.warning("ignoring unreadable checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log.info("checkpoint %s belongs to another config, model or data; starting over", path)
-        return None
-    return state
-
-
 # ---------------------------------------------------------------------------- stage
 
-def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics_path,
+def run(*, model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics_path,
         state_path, device="auto", threads=None) -> pd.DataFrame:
     """Fine-tune `model_path` on sft_train, write the model to `out_dir` and metrics.
 
     Metrics (tidy: step, split, metric, value): per training step loss, perplexity,
-    tokens_per_s (prompt and completion tokens), seconds, lr, grad_norm; on val at step 0, every `eval_every` steps and at the end,
-    loss and perplexity. Returns the metrics frame.
+    tokens_per_s (prompt and completion tokens), seconds, lr, grad_norm; on val at step 0,
+    every `eval_every` steps and at the end, loss and perplexity. Returns the metrics frame.
     """
     from tqdm.auto import tqdm
 
@@ -285,16 +163,12 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
     set_threads(threads)
     device = pick_device(device)
     seed_everything(seed)
-    fingerprint = run_fingerprint(model_path, train_path, val_path, cfg, seed)
+    fingerprint = checkpoint.fingerprint(cfg, seed, {"model": model_path, "train": train_path, "val": val_path})
 
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, device=device)
-    train_df, val_df = read_parquet(train_path), read_parquet(val_path)
-    for name, df, path in (("train", train_df, train_path), ("val", val_df, val_path)):
-        missing = {"prompt", "completion"} - set(df.columns)
-        if missing or len(df) == 0:
-            raise DataError(path, f"expected a non-empty table with prompt and completion "
-                                  f"columns (missing {sorted(missing)}, {len(df)} rows)")
+    train_df = read_parquet(train_path, required=EXAMPLE_COLUMNS, min_rows=1)
+    val_df = read_parquet(val_path, required=EXAMPLE_COLUMNS, min_rows=1)
     train_ex = encode_examples(tokenizer, train_df["prompt"], train_df["completion"],
                                cfg["max_length"])
     val_ex = encode_examples(tokenizer, val_df["prompt"], val_df["completion"], cfg["max_length"])
@@ -304,35 +178,31 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
     val_batches = [collate([val_ex[i] for i in val_order[j:j + bs]], tokenizer.pad_token_id)
                    for j in range(0, len(val_order), bs)]
 
-    params = set_trainable(model, cfg["train_layers"])
+    params = set_trainable(model, cfg["train_layers"], key="sft.train_layers")
     n_train = sum(p.numel() for p in params)
     log.info("model %s: %.1fM of %.1fM parameters train; %d train / %d val examples; device %s",
              model_path, n_train / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
              len(train_ex), len(val_ex), device)
-    optimizer = _optimizer(params, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg["warmup_steps"], cfg["steps"]))
+    optimizer = optim.adamw(params, cfg["lr"], cfg["weight_decay"])
+    scheduler = optim.lr_schedule(optimizer, "cosine", cfg["warmup_steps"], cfg["steps"])
 
     metrics: list[dict] = []
     start = 0
-    state = load_state(state_path, fingerprint)
+    state = checkpoint.load_state(state_path, fingerprint)
     if state is not None:
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trained"].items():
-                named[name].copy_(value.to(device))
+        checkpoint.load_tensors(model, state["trained"], state_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"])
         metrics, start = list(state["metrics"]), int(state["step"])
-        log.info("resumed from %s at step %d", state_path, start)
+        log.info("resumed at step %d", start)
 
     def record(step, split, values):
         metrics.extend({"step": step, "split": split, "metric": k, "value": float(v)}
                        for k, v in values.items())
 
     if start == 0:
-        val = evaluate(model, val_batches, device)
+        val = validation_loss(model, val_batches, device)
         record(0, "val", val)
         log.info("step 0: val loss %.4f", val["loss"])
 
@@ -341,17 +211,14 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
                mininterval=5.0)
     for step in bar:
         t0 = time.perf_counter()
-        idx = batch_indices(step, bs, len(train_ex), seed)
+        idx = epoch_batches(step, bs, len(train_ex), seed)
         batch = {k: v.to(device) for k, v in
                  collate([train_ex[i] for i in idx], tokenizer.pad_token_id).items()}
         loss, _ = completion_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        grad_norm = optim.clipped_step(optimizer, params, cfg["grad_clip"], scheduler)
         seconds = time.perf_counter() - t0
         done = step + 1
         value = loss.detach().item()
@@ -363,11 +230,13 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
             log.info("step %d/%d: train loss %.4f (%.2f s/step)", done, cfg["steps"], value,
                      seconds)
         if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
-            val = evaluate(model, val_batches, device)
+            val = validation_loss(model, val_batches, device)
             record(done, "val", val)
             log.info("step %d: train loss %.4f, val loss %.4f", done, value, val["loss"])
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
-            save_state(state_path, fingerprint, done, model, optimizer, scheduler, metrics)
+            checkpoint.save_state(state_path, fingerprint, step=done, trained=checkpoint.trainable_tensors(model),
+                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                  rng=checkpoint.rng_state(), metrics=metrics)
     bar.close()
 
     model.eval()
@@ -378,6 +247,5 @@ def run(model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics
     table = table.astype({"step": "int64", "split": str, "metric": str, "value": "float64"})
     write_parquet(table, metrics_path, provenance(cfg, seed, stage="sft", model=str(model_path),
                                                   trained_parameters=n_train))
-    if Path(state_path).exists():
-        os.remove(state_path)
+    checkpoint.remove_state(state_path)
     return table

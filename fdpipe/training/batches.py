@@ -1,0 +1,56 @@
+"""Which examples each optimizer step sees: a pure function of (step, seed).
+
+Because the batch of step ``s`` depends on nothing but ``s``, the data and the seed, a resumed
+run sees exactly the batches an uninterrupted one would. Two orders are offered:
+
+* `epoch_batches`: seeded permutations of the data laid end to end (a batch may straddle two
+  epochs; every example is seen once per epoch);
+* `length_bucketed_batches`: each epoch drops its last incomplete batch, groups examples of
+  similar length into batches (less padding) and shuffles the batches.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BUCKET_BATCHES = 50  # batches per length bucket (see length_bucketed_batches)
+
+
+def epoch_batches(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Example indices of step `step`: epochs of permutations seeded by (seed, epoch), end to end."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // n
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        sel = epochs == epoch
+        out[sel] = perm[positions[sel] % n]
+    return out
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches in one epoch of `n` examples (at least 1)."""
+    return max(1, n // batch_size)
+
+
+def length_bucketed_batches(step: int, lengths, batch_size: int, seed: int) -> torch.Tensor:
+    """Example indices of step `step` among ``len(lengths)`` examples.
+
+    Each epoch is a permutation drawn from a generator seeded by (seed, epoch), cut after its
+    last full batch into chunks of `BUCKET_BATCHES` batches; each chunk is sorted by `lengths`
+    and cut into batches, and the epoch's batches are shuffled.
+    """
+    lengths = torch.as_tensor(lengths)
+    n = len(lengths)
+    per_epoch = batches_per_epoch(n, batch_size)
+    epoch, j = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen)[:per_epoch * batch_size]
+    chunk = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(perm), chunk):
+        part = perm[start:start + chunk]
+        part = part[torch.argsort(lengths[part], stable=True)]
+        batches += list(part.split(batch_size))
+    order = torch.randperm(len(batches), generator=gen)
+    return batches[order[j]]
