@@ -1,10 +1,11 @@
 """LM head fused with per-token log-probabilities, in chunks of rows.
 
 For each chunk of `chunk_size` rows the logits `hidden @ weight.T + bias` are computed with
-one matmul (in the input dtype), reduced by the token_logprobs Triton forward kernel, and
-dropped: only the per-token log-probability, the log-sum-exp and the entropy are kept. The
-backward recomputes each chunk's logits, turns them into their gradient with the
-token_logprobs backward kernel (into one reused chunk buffer), and accumulates
+one matmul (in the input dtype), reduced by the token_logprobs Triton forward kernel
+(`token_logprobs_forward`), and dropped: only the per-token log-probability, the
+log-sum-exp and the entropy are kept. The backward recomputes each chunk's logits, turns
+them into their gradient with the token_logprobs backward kernel
+(`token_logprobs_backward`, into one reused chunk buffer), and accumulates
 
     grad_hidden[chunk] = grad_logits @ weight
     grad_weight       += grad_logits.T @ hidden[chunk]
@@ -20,7 +21,8 @@ import torch
 
 from . import reference
 from .backend import use_triton
-from .token_logprobs import backward_rows, forward_rows, upstream
+from .launch import upstream
+from .token_logprobs import token_logprobs_backward, token_logprobs_forward
 
 
 def _chunk_logits(hidden, weight, bias, start, end):
@@ -28,7 +30,7 @@ def _chunk_logits(hidden, weight, bias, start, end):
     return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
 
 
-class LinearTokenLogprobs(torch.autograd.Function):
+class LinearTokenLogprobsFunction(torch.autograd.Function):
     """hidden [N, H], weight [V, H], bias [V] or None, targets [N] -> (logp [N], entropy [N] or [0])."""
 
     @staticmethod
@@ -40,8 +42,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
         for start in range(0, n_rows, chunk):
             end = min(start + chunk, n_rows)
             logits = _chunk_logits(hidden, weight, bias, start, end)
-            forward_rows(logits, targets[start:end], temperature, ignore_index, with_entropy,
-                         logp[start:end], lse[:, start:end], entropy[start:end] if with_entropy else entropy)
+            token_logprobs_forward(logits, targets[start:end], temperature, ignore_index, with_entropy,
+                                   logp[start:end], lse[:, start:end], entropy[start:end] if with_entropy else entropy)
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.args = (temperature, ignore_index, with_entropy, chunk)
@@ -65,7 +67,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             end = min(start + chunk, n_rows)
             logits = _chunk_logits(hidden, weight, bias, start, end)
             grad_logits = buffer[: end - start]
-            backward_rows(
+            token_logprobs_backward(
                 logits, targets[start:end], lse[:, start:end], entropy[start:end] if with_entropy else entropy,
                 g_logp[start:end], g_ent[start:end] if with_entropy else None,
                 temperature, ignore_index, with_entropy, grad_logits,
@@ -101,7 +103,7 @@ def linear_token_logprobs_triton(hidden, weight, targets, *, bias=None, temperat
     chunk = reference.default_chunk_size(h.shape[0], weight.shape[0]) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-    logp, entropy = LinearTokenLogprobs.apply(h, weight, bias, t, temperature, int(ignore_index), with_entropy, chunk)
+    logp, entropy = LinearTokenLogprobsFunction.apply(h, weight, bias, t, temperature, int(ignore_index), with_entropy, chunk)
     return (logp.reshape(lead), entropy.reshape(lead)) if with_entropy else logp.reshape(lead)
 
 

@@ -150,7 +150,7 @@ def default_chunk_size(n_rows: int, vocab: int) -> int:
     return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, 1)))
 
 
-class _LinearTokenLogprobs(torch.autograd.Function):
+class ReferenceLinearTokenLogprobsFunction(torch.autograd.Function):
     """Chunked LM head + log-probabilities; only inputs are saved, each chunk is recomputed."""
 
     @staticmethod
@@ -232,7 +232,7 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     chunk = default_chunk_size(h.shape[0], weight.shape[0]) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-    logp, entropy = _LinearTokenLogprobs.apply(h, weight, bias, t, temperature, ignore_index, with_entropy, chunk)
+    logp, entropy = ReferenceLinearTokenLogprobsFunction.apply(h, weight, bias, t, temperature, ignore_index, with_entropy, chunk)
     cast = (lambda v: v.reshape(lead)) if out_dtype is None else (lambda v: v.to(out_dtype).reshape(lead))
     return (cast(logp), cast(entropy)) if with_entropy else cast(logp)
 

@@ -22,6 +22,8 @@ The backward (gradient to `logits` only; `ref_logits` is a constant) reads both 
     dTV/da_i          = pi_i (sign(pi_i - ref_i) - sum_j pi_j sign(pi_j - ref_j)) / 2
 
 each times its upstream gradient, all divided by T. Terms with pi_i = 0 are exact zeros.
+
+`token_divergences_forward` / `token_divergences_backward` launch the two kernels on [N, V] rows.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ import torch
 
 from . import reference
 from .backend import tl, triton, use_triton
+from .launch import as_rows, block_and_warps, row_flags, row_index, upstream, zero_row
 from .reference import TokenDivergences
-from .token_logprobs import as_rows, upstream
 
 MAX_BLOCK = 2048  # two rows are streamed at once, so half the token_logprobs block
 LOG2 = math.log(2.0)
@@ -61,13 +63,13 @@ def _log_probs_and_mid(x_row, y_row, cols, inside, temperature, c_x, log_s_x, c_
 
 
 @triton.jit
-def _divergences_fwd_kernel(
+def _token_divergences_forward_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, mask_ptr,
     kl_xy_ptr, kl_yx_ptr, js_ptr, tv_ptr, max_x_ptr, log_sum_x_ptr, max_y_ptr, log_sum_y_ptr,
     kl_xm_ptr, sign_ptr, n_cols, temperature,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = row_index()
     if tl.load(mask_ptr + row) == 0:
         tl.store(kl_xy_ptr + row, 0.0)
         tl.store(kl_yx_ptr + row, 0.0)
@@ -140,19 +142,17 @@ def _divergences_fwd_kernel(
 
 
 @triton.jit
-def _divergences_bwd_kernel(
+def _token_divergences_backward_kernel(
     x_ptr, x_row_stride, y_ptr, y_row_stride, mask_ptr,
     max_x_ptr, log_sum_x_ptr, max_y_ptr, log_sum_y_ptr, kl_xy_ptr, kl_xm_ptr, sign_ptr,
     g_kl_xy_ptr, g_kl_yx_ptr, g_js_ptr, g_tv_ptr,
     grad_ptr, grad_row_stride, n_cols, temperature,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = row_index()
     out_ptr = grad_ptr + row * grad_row_stride
     if tl.load(mask_ptr + row) == 0:
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            tl.store(out_ptr + cols, 0.0, mask=cols < n_cols)
+        zero_row(out_ptr, n_cols, BLOCK)
         return
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * y_row_stride
@@ -179,33 +179,51 @@ def _divergences_bwd_kernel(
         tl.store(out_ptr + cols, (grad / temperature).to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-def _block_and_warps(n_cols: int) -> tuple[int, int]:
-    block = min(MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1)))
-    return block, (4 if block <= 1024 else 8)
+def token_divergences_forward(x, y, flags, temperature, out):
+    """Launch the forward on logits `x` and ref_logits `y` [N, V] (unit column stride).
+
+    `out` is float32 [10, N]: KL(pi||ref), KL(ref||pi), JS, TV, then what the backward
+    reads -- both rows' maximum and log-sum (kept split), KL(pi||m) and sum pi sign(pi - ref).
+    """
+    n_rows, n_cols = x.shape
+    if n_rows == 0:
+        return
+    kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum = out.unbind(0)
+    block, warps = block_and_warps(n_cols, MAX_BLOCK)
+    _token_divergences_forward_kernel[(n_rows,)](
+        x, x.stride(0), y, y.stride(0), flags,
+        kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum,
+        n_cols, temperature, BLOCK=block, num_warps=warps,
+    )
 
 
-def _row_flags(mask, n_rows, device):
-    """The mask as one uint8 per row (all ones when there is no mask)."""
-    if mask is None:
-        return torch.ones(n_rows, dtype=torch.uint8, device=device)
-    return mask.reshape(-1).to(torch.uint8).contiguous()
+def token_divergences_backward(x, y, flags, lse, kl_xy, kl_xm, sign_sum, g_kl_xy, g_kl_yx, g_js, g_tv,
+                               temperature, grad):
+    """Launch the backward: write the gradient of sum(g . divergences) w.r.t. `x` into `grad` [N, V].
+
+    `lse` is [4, N] (max and log-sum of x, then of y); the upstream gradients are float32 [N].
+    """
+    n_rows, n_cols = x.shape
+    if n_rows == 0:
+        return
+    block, warps = block_and_warps(n_cols, MAX_BLOCK)
+    _token_divergences_backward_kernel[(n_rows,)](
+        x, x.stride(0), y, y.stride(0), flags,
+        lse[0], lse[1], lse[2], lse[3], kl_xy, kl_xm, sign_sum,
+        g_kl_xy, g_kl_yx, g_js, g_tv,
+        grad, grad.stride(0), n_cols, temperature,
+        BLOCK=block, num_warps=warps,
+    )
 
 
-class TokenDivergencesFn(torch.autograd.Function):
+class TokenDivergencesFunction(torch.autograd.Function):
     """logits [N, V], ref_logits [N, V], row flags -> four float32 [N]; gradient to logits."""
 
     @staticmethod
     def forward(ctx, x, y, flags, temperature):
-        n_rows, n_cols = x.shape
-        out = torch.empty((10, n_rows), dtype=torch.float32, device=x.device)
-        kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum = out.unbind(0)
-        if n_rows:
-            block, warps = _block_and_warps(n_cols)
-            _divergences_fwd_kernel[(n_rows,)](
-                x, x.stride(0), y, y.stride(0), flags,
-                kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum,
-                n_cols, temperature, BLOCK=block, num_warps=warps,
-            )
+        out = torch.empty((10, x.shape[0]), dtype=torch.float32, device=x.device)
+        token_divergences_forward(x, y, flags, temperature, out)
+        kl_xy, kl_yx, js, tv, kl_xm, sign_sum = out[0], out[1], out[2], out[3], out[8], out[9]
         ctx.save_for_backward(x, y, flags, out[4:8], kl_xy, kl_xm, sign_sum)
         ctx.temperature = temperature
         return kl_xy, kl_yx, js, tv
@@ -213,18 +231,12 @@ class TokenDivergencesFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_kl_xy, g_kl_yx, g_js, g_tv):
         x, y, flags, lse, kl_xy, kl_xm, sign_sum = ctx.saved_tensors
-        temperature = ctx.temperature
-        n_rows, n_cols = x.shape
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if n_rows:
-            block, warps = _block_and_warps(n_cols)
-            _divergences_bwd_kernel[(n_rows,)](
-                x, x.stride(0), y, y.stride(0), flags,
-                lse[0], lse[1], lse[2], lse[3], kl_xy, kl_xm, sign_sum,
-                upstream(g_kl_xy), upstream(g_kl_yx), upstream(g_js), upstream(g_tv),
-                grad, grad.stride(0), n_cols, temperature,
-                BLOCK=block, num_warps=warps,
-            )
+        token_divergences_backward(
+            x, y, flags, lse, kl_xy, kl_xm, sign_sum,
+            upstream(g_kl_xy), upstream(g_kl_yx), upstream(g_js), upstream(g_tv),
+            ctx.temperature, grad,
+        )
         return grad, None, None, None
 
 
@@ -234,8 +246,8 @@ def token_divergences_triton(logits, ref_logits, *, temperature=1.0, mask=None):
     temperature = reference.check_temperature(temperature)
     lead = logits.shape[:-1]
     x = as_rows(logits)
-    flags = _row_flags(mask, x.shape[0], logits.device)
-    outs = TokenDivergencesFn.apply(x, as_rows(ref_logits.detach()), flags, temperature)
+    flags = row_flags(mask, x.shape[0], logits.device)
+    outs = TokenDivergencesFunction.apply(x, as_rows(ref_logits.detach()), flags, temperature)
     return TokenDivergences(*(v.reshape(lead) for v in outs))
 
 

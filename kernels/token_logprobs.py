@@ -9,6 +9,9 @@ logits once more and writes a fresh gradient buffer:
 
     d logp / d x_i    = (1[i = target] - p_i) / T
     d entropy / d x_i = -p_i (log p_i + H) / T
+
+`token_logprobs_forward` / `token_logprobs_backward` launch the two kernels on [N, V] rows;
+`linear_token_logprobs` reuses them on each chunk of LM-head logits.
 """
 from __future__ import annotations
 
@@ -16,18 +19,19 @@ import torch
 
 from . import reference
 from .backend import tl, triton, use_triton
+from .launch import as_rows, block_and_warps, row_index, upstream, zero_row
 
 # Vocabulary block handled per loop step; rows longer than this are streamed.
 MAX_BLOCK = 4096
 
 
 @triton.jit
-def _token_logprobs_fwd_kernel(
+def _token_logprobs_forward_kernel(
     logits_ptr, logits_row_stride, targets_ptr, logp_ptr, max_ptr, log_sum_ptr, entropy_ptr,
     n_cols, ignore_index, temperature,
     WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = row_index()
     target = tl.load(targets_ptr + row)
     if target == ignore_index:
         tl.store(logp_ptr + row, 0.0)
@@ -65,18 +69,16 @@ def _token_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _token_logprobs_bwd_kernel(
+def _token_logprobs_backward_kernel(
     logits_ptr, logits_row_stride, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     grad_ptr, grad_row_stride, n_cols, ignore_index, temperature,
     WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = row_index()
     target = tl.load(targets_ptr + row)
     out_ptr = grad_ptr + row * grad_row_stride
     if target == ignore_index:
-        for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            tl.store(out_ptr + cols, 0.0, mask=cols < n_cols)
+        zero_row(out_ptr, n_cols, BLOCK)
         return
     row_ptr = logits_ptr + row * logits_row_stride
     m = tl.load(max_ptr + row)
@@ -97,12 +99,7 @@ def _token_logprobs_bwd_kernel(
         tl.store(out_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
-def _block_and_warps(n_cols: int) -> tuple[int, int]:
-    block = min(MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1)))
-    return block, (4 if block <= 1024 else 8)
-
-
-def forward_rows(logits, targets, temperature, ignore_index, with_entropy, logp, lse, entropy):
+def token_logprobs_forward(logits, targets, temperature, ignore_index, with_entropy, logp, lse, entropy):
     """Launch the forward on logits [N, V] (unit column stride) into the float32 buffers.
 
     `lse` is [2, N]: row maximum and log of the shifted sum (log-sum-exp = their sum).
@@ -110,22 +107,22 @@ def forward_rows(logits, targets, temperature, ignore_index, with_entropy, logp,
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block, warps = _block_and_warps(n_cols)
-    _token_logprobs_fwd_kernel[(n_rows,)](
+    block, warps = block_and_warps(n_cols, MAX_BLOCK)
+    _token_logprobs_forward_kernel[(n_rows,)](
         logits, logits.stride(0), targets, logp, lse[0], lse[1], entropy if with_entropy else logp,
         n_cols, ignore_index, temperature,
         WITH_ENTROPY=with_entropy, BLOCK=block, num_warps=warps,
     )
 
 
-def backward_rows(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-                  with_entropy, grad_logits):
+def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+                            with_entropy, grad_logits):
     """Launch the backward: write d(sum g*logp + g_ent*entropy)/d logits into `grad_logits` [N, V]."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    block, warps = _block_and_warps(n_cols)
-    _token_logprobs_bwd_kernel[(n_rows,)](
+    block, warps = block_and_warps(n_cols, MAX_BLOCK)
+    _token_logprobs_backward_kernel[(n_rows,)](
         logits, logits.stride(0), targets, lse[0], lse[1], entropy if with_entropy else grad_logp,
         grad_logp, grad_entropy if with_entropy else grad_logp,
         grad_logits, grad_logits.stride(0), n_cols, ignore_index, temperature,
@@ -133,12 +130,7 @@ def backward_rows(logits, targets, lse, entropy, grad_logp, grad_entropy, temper
     )
 
 
-def upstream(grad: torch.Tensor) -> torch.Tensor:
-    """An upstream gradient as a contiguous float32 vector (it may arrive expanded, stride 0)."""
-    return grad.reshape(-1).to(torch.float32).contiguous()
-
-
-class TokenLogprobs(torch.autograd.Function):
+class TokenLogprobsFunction(torch.autograd.Function):
     """logits [N, V], targets [N] -> (logp [N], entropy [N] or [0]); saves logits and the lse."""
 
     @staticmethod
@@ -147,7 +139,7 @@ class TokenLogprobs(torch.autograd.Function):
         logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty((2, n_rows), dtype=torch.float32, device=logits.device)
         entropy = torch.empty(n_rows if with_entropy else 0, dtype=torch.float32, device=logits.device)
-        forward_rows(logits, targets, temperature, ignore_index, with_entropy, logp, lse, entropy)
+        token_logprobs_forward(logits, targets, temperature, ignore_index, with_entropy, logp, lse, entropy)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.args = (temperature, ignore_index, with_entropy)
         if not with_entropy:
@@ -159,18 +151,12 @@ class TokenLogprobs(torch.autograd.Function):
         logits, targets, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, with_entropy = ctx.args
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        backward_rows(
+        token_logprobs_backward(
             logits, targets, lse, entropy, upstream(grad_logp),
             upstream(grad_entropy) if with_entropy else None,
             temperature, ignore_index, with_entropy, grad_logits,
         )
         return grad_logits, None, None, None, None
-
-
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., V] -> [N, V] with unit column stride (a view when the layout allows it)."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 
 
 def token_logprobs_triton(logits, targets, *, temperature=1.0, ignore_index=-100, with_entropy=False):
@@ -179,7 +165,7 @@ def token_logprobs_triton(logits, targets, *, temperature=1.0, ignore_index=-100
     temperature = reference.check_temperature(temperature)
     lead = targets.shape
     t = targets.reshape(-1).to(torch.int64).contiguous()
-    logp, entropy = TokenLogprobs.apply(as_rows(logits), t, temperature, int(ignore_index), with_entropy)
+    logp, entropy = TokenLogprobsFunction.apply(as_rows(logits), t, temperature, int(ignore_index), with_entropy)
     return (logp.reshape(lead), entropy.reshape(lead)) if with_entropy else logp.reshape(lead)
 
 

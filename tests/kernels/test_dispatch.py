@@ -53,15 +53,15 @@ def test_auto_uses_reference_on_cpu_and_triton_when_forced():
     previous = kernels.set_backend("auto")
     try:
         names = autograd_nodes(kernels.token_logprobs(x, t))
-        assert ("TokenLogprobsBackward" in names) == CUDA
+        assert ("TokenLogprobsFunctionBackward" in names) == CUDA
         if TRITON_RUNS:
             kernels.set_backend("triton")
-            assert "TokenLogprobsBackward" in autograd_nodes(kernels.token_logprobs(x, t))
-            assert "LinearTokenLogprobsBackward" in autograd_nodes(
+            assert "TokenLogprobsFunctionBackward" in autograd_nodes(kernels.token_logprobs(x, t))
+            assert "LinearTokenLogprobsFunctionBackward" in autograd_nodes(
                 kernels.linear_token_logprobs(x, torch.randn(4, 5), torch.tensor([0, 1, 3])))
-            assert "TokenDivergencesFnBackward" in autograd_nodes(kernels.token_divergences(x, x.detach()).js)
+            assert "TokenDivergencesFunctionBackward" in autograd_nodes(kernels.token_divergences(x, x.detach()).js)
         kernels.set_backend("torch")
-        assert "TokenLogprobsBackward" not in autograd_nodes(kernels.token_logprobs(x, t))
+        assert "TokenLogprobsFunctionBackward" not in autograd_nodes(kernels.token_logprobs(x, t))
     finally:
         kernels.set_backend(previous)
 
@@ -112,3 +112,17 @@ def test_works_without_triton():
     first, second = proc.stdout.strip().splitlines()
     assert first == "False torch.float32 torch.Size([4, 6])"
     assert second.startswith("ERR kernel backend 'triton' requested but triton is not importable")
+
+
+def test_autograd_functions_follow_one_naming_rule():
+    """Every autograd Function of the package is named `<Op>Function` (its graph node `<Op>FunctionBackward`)."""
+    import importlib
+    import inspect
+
+    found = []
+    for name in ("token_logprobs", "linear_token_logprobs", "token_divergences", "reference"):
+        module = importlib.import_module(f"fdpipe_kernels.{name}")
+        found += [cls.__name__ for _, cls in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(cls, torch.autograd.Function) and cls.__module__ == module.__name__]
+    assert sorted(found) == ["LinearTokenLogprobsFunction", "ReferenceLinearTokenLogprobsFunction",
+                             "TokenDivergencesFunction", "TokenLogprobsFunction"]
