@@ -24,6 +24,15 @@ def merged_run_config(alignment_cfg: dict, run: str) -> dict:
     return merged
 
 
+def known_keys(cfg: dict | None, fields, key: str) -> dict:
+    """A copy of the config section `cfg`; a key not in `fields` raises ConfigError naming it."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(fields))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", f"one of the known keys ({', '.join(sorted(fields))})")
+    return cfg
+
+
 def _with_defaults(validator_class):
     """A jsonschema validator class that fills in `default` values while it validates."""
     from jsonschema import validators

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdpipe.common import text_metrics
+from fdpipe.common.config import known_keys
 from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.io import provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import pick_device, set_threads
@@ -80,10 +81,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict | None, key: str = "evaluation") -> "EvalConfig":
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", "a known evaluation setting", cfg[unknown[0]])
+        cfg = known_keys(cfg, [f.name for f in dataclasses.fields(cls)], key)
         out = cls(**cfg)
         for name in ("samples_per_prompt", "max_new_tokens", "batch_prompts", "reward_batch_size",
                      "bootstrap_resamples", "distinct_max_n", "bleu_max_n"):

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from fdpipe.common import plots
+from fdpipe.common.config import known_keys
 from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.io import provenance, read_metadata, read_parquet, write_parquet
 from fdpipe.common.tables import SUMMARY_COLUMNS
@@ -50,10 +51,7 @@ class ReportConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict | None, key: str = "report") -> "ReportConfig":
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", "a known report setting", cfg[unknown[0]])
+        cfg = known_keys(cfg, [f.name for f in dataclasses.fields(cls)], key)
         for name in ("curve_metrics", "frontier_metrics"):
             if name in cfg:
                 value = cfg[name]

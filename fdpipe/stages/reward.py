@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fdpipe.common.config import known_keys
 from fdpipe.common.errors import ConfigError
 from fdpipe.common.io import atomic_dir, provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import pick_device, seed_everything, set_threads
@@ -74,12 +75,7 @@ class RewardConfig:
     @classmethod
     def from_dict(cls, cfg: dict | None) -> "RewardConfig":
         """Build from a config section, filling defaults; raise ConfigError on bad values."""
-        cfg = dict(cfg or {})
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields)
-        if unknown:
-            raise ConfigError(f"reward.{unknown[0]}", f"one of {sorted(fields)}", unknown[0])
-        out = cls(**cfg)
+        out = cls(**known_keys(cfg, [f.name for f in dataclasses.fields(cls)], "reward"))
         out._check()
         return out
 
@@ -232,10 +228,7 @@ def run(*, backbone: str, prefs_train_path, prefs_val_path, ratings_path, cfg: d
     start, elapsed = 0, 0.0  # steps done and training seconds spent before this process
     state = checkpoint.load_state(state_path, fingerprint)
     if state is not None:
-        checkpoint.load_tensors(model, state["trained"], state_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.restore_snapshot(state, state_path, model, optimizer, scheduler)
         rows, start, elapsed = list(state["metrics"]), int(state["step"]), float(state["elapsed_s"])
         log.info("resumed at step %d", start)
 
@@ -275,10 +268,8 @@ def run(*, backbone: str, prefs_train_path, prefs_val_path, ratings_path, cfg: d
             if done == total:
                 final = metrics
         if done % config.checkpoint_every == 0 and done < total:
-            checkpoint.save_state(
-                state_path, fingerprint, step=done, trained=checkpoint.trainable_tensors(model),
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=checkpoint.rng_state(),
-                elapsed_s=time.perf_counter() - t0, metrics=rows)
+            checkpoint.save_state(state_path, fingerprint, step=done, elapsed_s=time.perf_counter() - t0,
+                                  metrics=rows, **checkpoint.training_snapshot(model, optimizer, scheduler))
     bar.close()
 
     stats = {"mean": float(rated.double().mean()), "std": float(rated.double().std(correction=0)),

@@ -190,10 +190,7 @@ def run(*, model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metr
     start = 0
     state = checkpoint.load_state(state_path, fingerprint)
     if state is not None:
-        checkpoint.load_tensors(model, state["trained"], state_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.restore_snapshot(state, state_path, model, optimizer, scheduler)
         metrics, start = list(state["metrics"]), int(state["step"])
         log.info("resumed at step %d", start)
 
@@ -234,9 +231,8 @@ def run(*, model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metr
             record(done, "val", val)
             log.info("step %d: train loss %.4f, val loss %.4f", done, value, val["loss"])
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
-            checkpoint.save_state(state_path, fingerprint, step=done, trained=checkpoint.trainable_tensors(model),
-                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                  rng=checkpoint.rng_state(), metrics=metrics)
+            checkpoint.save_state(state_path, fingerprint, step=done, metrics=metrics,
+                                  **checkpoint.training_snapshot(model, optimizer, scheduler))
     bar.close()
 
     model.eval()

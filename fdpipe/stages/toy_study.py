@@ -27,6 +27,7 @@ import torch
 
 from fdpipe.fdpg import divergences
 from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
+from fdpipe.common.config import known_keys
 from fdpipe.common.errors import ConfigError
 from fdpipe.common.io import atomic_path, provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import set_threads
@@ -84,11 +85,7 @@ class ToyStudyConfig:
 
     @classmethod
     def from_config(cls, cfg: dict | None, key: str = "toy") -> "ToyStudyConfig":
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", f"one of the known keys ({', '.join(cls.__dataclass_fields__)})")
-        out = cls(**copy.deepcopy(cfg))
+        out = cls(**copy.deepcopy(known_keys(cfg, cls.__dataclass_fields__, key)))
         for name in ("num_content", "num_prompts", "max_length", "seeds", "steps", "eval_every",
                      "samples_per_prompt"):
             if int(getattr(out, name)) < 1:

@@ -85,6 +85,23 @@ def remove_state(path) -> None:
 
 # ---------------------------------------------------------------------------- contents
 
+def training_snapshot(model: torch.nn.Module, optimizer, scheduler=None) -> dict:
+    """The usual contents of a state: trainable parameters, optimizer (and schedule) and RNG."""
+    snapshot = {"trained": trainable_tensors(model), "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    if scheduler is not None:
+        snapshot["scheduler"] = scheduler.state_dict()
+    return snapshot
+
+
+def restore_snapshot(state: dict, path, model: torch.nn.Module, optimizer, scheduler=None) -> None:
+    """Put a `training_snapshot` saved in `state` (read from `path`) back in place."""
+    load_tensors(model, state["trained"], path)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+
+
 def trainable_tensors(model: torch.nn.Module, names=None) -> dict[str, torch.Tensor]:
     """CPU copies of the parameters that train (or of those named in `names`)."""
     if names is None:
