@@ -1,4 +1,4 @@
-"""The generators of `fdpipe.divergences` against their closed forms, in float64.
+"""The generators of `fdpipe.fdpg.divergences` against their closed forms, in float64.
 
 * ``f`` and ``f′`` (functions of ``log t``) equal the closed forms of the table in the module
   docstring, ``f(1) = 0``, ``f′`` is the derivative of ``f`` and ``f`` is convex;

@@ -1,6 +1,6 @@
 """Pictures beside the report tables: the reward–KL frontier and training curves.
 
-Both functions take the tidy tables of `fdpipe.report` and save one figure as PNG and SVG
+Both functions take the tidy tables of `fdpipe.stages.report` and save one figure as PNG and SVG
 (matplotlib's Agg backend, no display needed), each written atomically.
 """
 from __future__ import annotations

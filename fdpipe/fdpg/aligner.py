@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import fdpipe_kernels as kernels
+import fdpipe_kernels
 
 from fdpipe.common.errors import ConfigError
 from fdpipe.fdpg import divergences, estimators, update
@@ -244,7 +244,7 @@ class Aligner:
         kl_tokens = math.nan
         if self.cfg.token_kl:
             with torch.no_grad():
-                tok_div = kernels.token_divergences(scores.logits.detach(), base_out.logits,
+                tok_div = fdpipe_kernels.token_divergences(scores.logits.detach(), base_out.logits,
                                                     mask=samples.completion_mask[:, 1:])
             kl_tokens = float((w_norm * tok_div.kl_pi_ref.double().sum(-1)).mean())
         on_policy = self.proposal is None

@@ -8,7 +8,7 @@ tokens with two prompts), 341 for ``m = 4, L = 4``.
 
 `TabularLM` is a fully expressive autoregressive model: one row of logits per (prompt,
 completion prefix). It is called exactly like a Hugging Face causal LM, so it runs behind
-the same `fdpipe.policy.CausalPolicy` and `fdpipe.alignment.Aligner` as the language-model
+the same `fdpipe.models.policy.CausalPolicy` and `fdpipe.fdpg.aligner.Aligner` as the language-model
 pipeline. `ToySpace` enumerates all completions and computes, with that same policy code,
 the exact ``π``, ``a``, ``P``, ``Z``, ``D_f(π‖p)`` for every generator, ``KL(π‖a)``, the
 constraint moments and (by autograd over the enumeration) the exact gradient of
@@ -16,7 +16,7 @@ constraint moments and (by autograd over the enumeration) the exact gradient of
 — everything the `Aligner` needs — and `build_problem` makes one from a few numbers.
 
 Exact values are averages over prompts (uniform), like the sampled estimates of
-`fdpipe.estimators`, which average per-prompt estimates.
+`fdpipe.fdpg.estimators`, which average per-prompt estimates.
 """
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ class ToySpace:
     def fit_lambda(self, target: Target, log_a: torch.Tensor, reward: torch.Tensor, *, tol: float = 1e-8) -> LambdaFit:
         """Fit λ of a distributional target exactly: ``E_c E_{p_λ(·|c)}[φ] = moment``.
 
-        Uses `fdpipe.targets.fit_lambda` on the whole enumeration with weights ``a(x|c)`` and
+        Uses `fdpipe.fdpg.targets.fit_lambda` on the whole enumeration with weights ``a(x|c)`` and
         one group per prompt; sets ``target.lam``.
         """
         phi = target.constraint(reward.double())

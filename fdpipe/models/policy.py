@@ -2,8 +2,8 @@
 
 `CausalPolicy` wraps any module that maps token ids ``[B, T]`` to an output with
 ``.logits`` ``[B, T, V]`` — a Hugging Face causal LM or the enumerable toy model of
-`fdpipe.toy` — so the alignment loop runs the same code on both. Every log-probability
-goes through the public functions of `kernels`.
+`fdpipe.fdpg.toy` — so the alignment loop runs the same code on both. Every log-probability
+goes through the public functions of `fdpipe_kernels`.
 
 Conventions
 -----------
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import fdpipe_kernels as kernels
+import fdpipe_kernels
 
 
 @dataclass
@@ -176,7 +176,7 @@ class CausalPolicy:
                 logits = logits[:, -1, :]
                 token = sample_categorical(torch.softmax(logits.double(), dim=-1), generator)
                 token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
-                lp = kernels.token_logprobs(logits, token)
+                lp = fdpipe_kernels.token_logprobs(logits, token)
                 total = total + torch.where(finished, torch.zeros_like(lp), lp)
                 new_tokens.append(token)
                 new_mask.append(~finished)
@@ -227,9 +227,9 @@ class CausalPolicy:
         mask = samples.completion_mask[:, 1:]
         masked_targets = torch.where(mask, targets, torch.full_like(targets, -100))
         if with_entropy:
-            tok_lp, entropy = kernels.token_logprobs(logits, masked_targets, with_entropy=True)
+            tok_lp, entropy = fdpipe_kernels.token_logprobs(logits, masked_targets, with_entropy=True)
             entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
         else:
-            tok_lp, entropy = kernels.token_logprobs(logits, masked_targets), None
+            tok_lp, entropy = fdpipe_kernels.token_logprobs(logits, masked_targets), None
         return SequenceScores(logprobs=tok_lp.sum(-1), token_logprobs=tok_lp, entropy=entropy,
                               logits=logits if keep_logits else None)

@@ -4,7 +4,7 @@ Each example is ``prompt + completion + EOS``. The prompt is encoded the way the
 stages encode it for generation (``tokenizer(prompt)``), the completion without special
 tokens, then EOS is appended. The loss is the mean negative log-probability of the
 completion tokens (and EOS) only; prompt and padding tokens carry the label -100.
-Log-probabilities come from ``kernels.linear_token_logprobs`` on the final hidden states
+Log-probabilities come from ``fdpipe_kernels.linear_token_logprobs`` on the final hidden states
 and the LM-head weight, so the ``[tokens, vocabulary]`` logits never exist at once.
 
 Only the last ``sft.train_layers`` transformer blocks and the final norm train (``-1``:
@@ -109,19 +109,19 @@ def collate(examples, pad_id: int, padding_side: str = "right") -> dict:
 def token_logprobs(model, batch: dict) -> torch.Tensor:
     """log p(token t | tokens < t) for t = 1..T-1, [B, T-1]; 0 where the label is -100.
 
-    Runs the decoder for the final hidden states and lets `kernels.linear_token_logprobs`
+    Runs the decoder for the final hidden states and lets `fdpipe_kernels.linear_token_logprobs`
     apply the LM head in chunks, on the labelled (completion) positions only: the LM head
     over a 49k vocabulary costs as much as several transformer blocks, and prompt and
     padding positions would only give zeros.
     """
-    import fdpipe_kernels as kernels
+    import fdpipe_kernels
 
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               position_ids=batch["position_ids"], use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    picked = kernels.linear_token_logprobs(hidden[:, :-1][keep], head.weight, targets[keep],
+    picked = fdpipe_kernels.linear_token_logprobs(hidden[:, :-1][keep], head.weight, targets[keep],
                                            bias=getattr(head, "bias", None), ignore_index=IGNORE)
     logp = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)
     return logp.masked_scatter(keep, picked)

@@ -1,7 +1,7 @@
 """The toy study: every divergence on every target kind, measured exactly.
 
-Each run trains a `fdpipe.toy.TabularLM` policy with the same `fdpipe.alignment.Aligner`
-the language-model stage uses, on one target kind of the enumerable `fdpipe.toy.ToySpace`,
+Each run trains a `fdpipe.fdpg.toy.TabularLM` policy with the same `fdpipe.fdpg.aligner.Aligner`
+the language-model stage uses, on one target kind of the enumerable `fdpipe.fdpg.toy.ToySpace`,
 and records every ``eval_every`` steps the *exact* ``D_f(π‖p)`` for all six generators,
 ``KL(π‖a)``, the constraint ``E_π[φ]`` (``E_π[b]``, ``E_π[φ]`` or ``E_π[r]``), the entropy
 of ``π`` and the Aligner's own sampled estimates (objective, ``log Z``). The learning rate
