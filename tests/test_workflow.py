@@ -69,6 +69,17 @@ def test_whole_dag_outputs(finished_run):
     pq.read_table(work / "results/eval/rkl/samples.parquet")
 
 
+def test_logs_benchmarks_and_no_state_left(finished_run):
+    work = finished_run
+    for rule, name in [("prepare_data", "prepare_data"), ("sft", "sft"), ("train_reward", "train_reward"),
+                       ("align", "rkl"), ("evaluate", "sft"), ("evaluate", "rkl"), ("report", "report")]:
+        assert (work / "logs" / rule / f"{name}.log").is_file(), (rule, name)
+        assert (work / "benchmarks" / rule / f"{name}.tsv").is_file(), (rule, name)
+    # the resume state is removed once each training stage has finished
+    for state in ("results/sft/state.pt", "results/reward/state.pt", "results/align/rkl/state.pt"):
+        assert not (work / state).exists(), state
+
+
 def test_saved_models_reload(finished_run):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -120,8 +131,3 @@ def test_empty_dataset_stops_without_outputs(tmp_path):
     data_dir = tmp_path / "results" / "data"
     assert not data_dir.exists() or not any(data_dir.iterdir())
 
-
-def test_lint_is_clean():
-    out = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0 and "Lints for" not in out.stdout + out.stderr, out.stdout + out.stderr
