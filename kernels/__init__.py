@@ -10,8 +10,11 @@ dimensions; ignored/masked rows are exact zeros with zero gradient):
 - `token_divergences(logits, ref_logits, *, temperature=1.0, mask=None)` -> `TokenDivergences`
 
 CUDA tensors run the Triton kernels, everything else the torch reference in
-`kernels.reference`; `set_backend` / `FDPIPE_KERNEL_BACKEND` force either (see
-`kernels.backend`).
+`fdpipe_kernels.reference`; `set_backend` / `FDPIPE_KERNEL_BACKEND` force either (see
+`fdpipe_kernels.backend`).
+
+The source folder is `kernels/`, but it installs (and imports) as `fdpipe_kernels`: the
+import name `kernels` belongs to another PyPI distribution (Hugging Face's hub kernels).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `auto` (the default) runs Triton on CUDA tensors and the torch reference otherwise. `triton`
 forces the kernels (CUDA tensors, or CPU tensors when Triton's interpreter was enabled with
-`TRITON_INTERPRET=1` before `kernels` was imported); `torch` forces the reference. The
+`TRITON_INTERPRET=1` before `fdpipe_kernels` was imported); `torch` forces the reference. The
 environment variable `FDPIPE_KERNEL_BACKEND` sets the starting choice, `set_backend` changes
 it for the running process.
 
@@ -57,7 +57,7 @@ _backend = _validate(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 def set_backend(name: str) -> str:
     """Choose `auto`, `triton` or `torch` for every later call; returns the previous choice."""
     global _backend
-    previous, _backend = _backend, _validate(name, "kernels.set_backend")
+    previous, _backend = _backend, _validate(name, "fdpipe_kernels.set_backend")
     return previous
 
 
@@ -79,6 +79,6 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         devices = sorted({str(t.device) for t in tensors})
         raise BackendError(
             f"kernel backend 'triton' needs CUDA tensors (got {', '.join(devices)}); "
-            "for CPU set TRITON_INTERPRET=1 before importing kernels, or use backend 'torch'"
+            "for CPU set TRITON_INTERPRET=1 before importing fdpipe_kernels, or use backend 'torch'"
         )
     return True

@@ -1,7 +1,7 @@
 """The kernels package's import name, `fdpipe_kernels`, is this project's alone.
 
 The folder is `kernels/`, but the name `kernels` belongs to another PyPI distribution
-(Hugging Face's hub kernels, which transformers imports when it is installed), so the folder
+(Hugging Face's hub kernels, which transformers' hub-kernel integration imports), so the folder
 installs as `fdpipe_kernels`. The first tests need nothing extra installed; the side-by-side
 test runs when that distribution is installed and is required under CI (`.ci/run` installs it).
 """

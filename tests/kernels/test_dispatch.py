@@ -29,8 +29,12 @@ def autograd_nodes(tensor):
 
 
 def run_python(code, **env):
-    """Run `code` in a fresh interpreter (import-time behaviour), returning the completed process."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    """Run `code` in a fresh interpreter (import-time behaviour), returning the completed process.
+
+    The interpreter finds `fdpipe_kernels` as this one does (installed, or through the
+    PYTHONPATH that kernels/gpu_check.sh sets up), so the environment is passed on unchanged.
+    """
+    full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                            cwd=ROOT, timeout=120)
 
