@@ -29,12 +29,12 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
-def setup_logging(log_path=None, level=logging.INFO) -> logging.Logger:
-    """Log to `log_path` (a Snakemake `log:` file) and stderr."""
+def setup_logging(log_path=None, level=logging.INFO, *, append: bool = False) -> logging.Logger:
+    """Log to `log_path` (a Snakemake `log:` file; started afresh unless `append`) and stderr."""
     handlers = [logging.StreamHandler()]
     if log_path:
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
+        handlers.append(logging.FileHandler(log_path, mode="a" if append else "w"))
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         handlers=handlers, force=True)
     return logging.getLogger("fdpipe")

@@ -10,8 +10,14 @@ a reward function, a `fdpipe.fdpg.targets.Target`, the estimators and the update
 3. training forward of the policy: ``log π_θ`` (and per-token entropy and KL to the base);
 4. ``log Ẑ(c)`` per prompt from the weights ``P/q`` (pooled over steps for repeated prompts);
 5. pseudo-rewards ``−f′(π_θ/p)``, baseline, surrogate loss, optimiser step;
-6. metrics (see `STEP_METRICS`); with an offline proposal, ``q`` is replaced by the policy
-   when the policy is estimated to be closer to ``p`` (``E_p[log q − log π_θ] < 0``).
+6. metrics (see `fdpipe.fdpg.metrics.STEP_METRICS`); with an offline proposal, ``q`` is
+   replaced by the policy when the policy is estimated to be closer to ``p``
+   (``E_p[log q − log π_θ] < 0``).
+
+Data-parallel (a `World` of several processes): each process samples its share of the step's
+prompts (1) and scores its samples (2–3); steps 4–6 run on the pooled global batch
+(`fdpipe.fdpg.metrics.pool`), each process backpropagates its share of the surrogate loss and
+the gradients are summed, so every process makes the update one process would make.
 
 The language-model stage (`fdpipe.stages.align`) and the exact toy space (`fdpipe.fdpg.toy`) both run
 this class; only the policy, the reward function and the prompts differ.
@@ -29,40 +35,11 @@ import fdpipe_kernels
 
 from fdpipe.common.errors import ConfigError
 from fdpipe.fdpg import divergences, estimators, update
+from fdpipe.fdpg.metrics import pool, step_metrics
 from fdpipe.fdpg.targets import Target, fit_lambda
 from fdpipe.models.policy import CausalPolicy, Samples
 from fdpipe.training import checkpoint, optim
-
-STEP_METRICS = {
-    "objective": "importance-sampling estimate of D_f(π‖p) for the run's divergence",
-    "loss": "surrogate loss whose gradient is the f-DPG gradient estimate",
-    "pseudo_reward_mean": "mean of −f′(π/p) over the batch",
-    "pseudo_reward_std": "standard deviation of −f′(π/p)",
-    "log_z": "mean over the batch's prompts of the log Z(c) estimate",
-    "kl_p_pi": "KL(p‖π) by importance sampling",
-    "kl_pi_p": "KL(π‖p) by importance sampling",
-    "js": "Jensen–Shannon divergence between π and p by importance sampling",
-    "tv": "total variation distance between π and p by importance sampling",
-    "chi2": "Pearson χ² divergence D_chi2(π‖p) by importance sampling",
-    "rchi2": "Neyman χ² divergence D_rchi2(π‖p) by importance sampling",
-    "kl_pi_a": "KL(π‖a), sequence-level Monte-Carlo estimate",
-    "kl_pi_a_tokens": "KL(π‖a) as the sum over completion tokens of the exact per-token KL over the vocabulary "
-                      "(NaN when token_kl is off)",
-    "reward_mean": "mean proxy reward of the policy's samples",
-    "gold_mean": "mean gold reward of the policy's samples (when a gold scorer is given)",
-    "constraint": "E_π[b] (pointwise), E_π[φ] (distributional) or E_π[r] (rlhf)",
-    "entropy_per_token": "mean per-token entropy of π on its completions",
-    "completion_length": "mean completion length in tokens",
-    "logprob_gap": "largest |log π at sampling − log π in the training forward| (on-policy only)",
-    "grad_norm": "gradient norm before clipping",
-    "lambda": "λ of a distributional target",
-    "proposal_replaced": "1 when the offline proposal was replaced by the policy at this step",
-    "time_sample_s": "seconds spent sampling",
-    "time_score_s": "seconds spent computing rewards and base log-probabilities",
-    "time_train_s": "seconds spent in the policy forward, backward and optimiser step",
-    "time_step_s": "seconds for the whole step",
-}
-
+from fdpipe.training.distributed import World
 
 @dataclass
 class AlignConfig:
@@ -142,9 +119,13 @@ class Aligner:
     """
 
     def __init__(self, policy: CausalPolicy, base: CausalPolicy, reward_fn, target: Target, prompts,
-                 cfg: AlignConfig, *, generator: torch.Generator, gold_fn=None):
+                 cfg: AlignConfig, *, generator: torch.Generator, gold_fn=None, world: World = World()):
+        if cfg.prompts_per_step < world.size:
+            raise ConfigError("prompts_per_step", f"at least the number of processes ({world.size})",
+                              cfg.prompts_per_step)
         self.policy, self.base, self.reward_fn, self.target = policy, base, reward_fn, target
         self.prompts, self.cfg, self.generator, self.gold_fn = prompts, cfg, generator, gold_fn
+        self.world = world
         self.optimizer = optim.adamw(policy.trainable_parameters(), cfg.lr)  # no weight decay: Adam
         self.log_z = estimators.RunningLogZ()
         self.proposal = self._frozen_copy(policy) if cfg.proposal == "offline" else None
@@ -170,16 +151,20 @@ class Aligner:
         """
         if self.target.kind != "distributional" or self.target.lam is not None:
             return
-        cfg = self.cfg
+        cfg, world = self.cfg, self.world
         phis, groups, group_of_key = [], [], {}
         remaining = cfg.fit_samples
         while remaining > 0:
             n_prompts = min(cfg.prompts_per_step, math.ceil(remaining / cfg.samples_per_prompt))
-            keys, tokens = self.prompts.next_batch(n_prompts)
-            samples = self.base.sample(tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
-            phis.append(self.target.constraint(self.reward_fn(samples).double()))
-            groups.append(torch.tensor([group_of_key.setdefault(k, len(group_of_key)) for k in samples.prompt_keys]))
-            remaining -= len(samples)
+            keys, tokens = (world.shard(part) for part in self.prompts.next_batch(n_prompts))
+            phi, sample_keys = torch.zeros(0, dtype=torch.float64, device=self.policy.device), []
+            if keys:
+                samples = self.base.sample(tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
+                phi, sample_keys = self.target.constraint(self.reward_fn(samples).double()), samples.prompt_keys
+            phis.append(world.gather(phi))
+            sample_keys = [k for part in world.gather_objects(list(sample_keys)) for k in part]
+            groups.append(torch.tensor([group_of_key.setdefault(k, len(group_of_key)) for k in sample_keys]))
+            remaining -= len(sample_keys)
         phi = torch.cat(phis)
         self.lambda_fit = fit_lambda(phi, torch.zeros_like(phi), self.target.moment,
                                      group=torch.cat(groups).to(phi.device), tol=cfg.fit_tolerance)
@@ -187,15 +172,23 @@ class Aligner:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
-        cfg, policy = self.cfg, self.policy
+        """Sample this process's share of the step's prompts, then `learn` from the samples."""
+        cfg = self.cfg
         self.prepare_target()
         t_start = time.perf_counter()
-        keys, prompt_tokens = self.prompts.next_batch(cfg.prompts_per_step)
-        sampler = self.proposal if self.proposal is not None else policy
+        keys, prompt_tokens = (self.world.shard(part) for part in self.prompts.next_batch(cfg.prompts_per_step))
+        sampler = self.proposal if self.proposal is not None else self.policy
         samples = sampler.sample(prompt_tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
-        group, n_groups = samples.prompt_index, samples.num_prompts
         t_sampled = time.perf_counter()
+        metrics = self.learn(samples)
+        metrics.update(time_sample_s=t_sampled - t_start, time_step_s=time.perf_counter() - t_start)
+        return metrics
 
+    def learn(self, samples: Samples) -> dict:
+        """Score `samples` (this process's share of the step's batch), update the policy with the
+        f-DPG gradient of the whole batch, and return the step's metrics."""
+        cfg, policy, world = self.cfg, self.policy, self.world
+        t_learn = time.perf_counter()
         reward = self.reward_fn(samples).to(torch.float64)
         with torch.no_grad():
             base_out = self.base.score(samples, keep_logits=cfg.token_kl)
@@ -209,68 +202,44 @@ class Aligner:
         log_pi_d = log_pi.detach().double()
         on_policy = self.proposal is None
         log_q = log_pi_d if on_policy else samples.sample_logprobs.double()
-        log_w_pi = log_pi_d - log_q                      # log π/q (0 on-policy)
-        weights = None if on_policy else torch.exp(log_w_pi)
 
-        log_z = self.log_z.update(samples.prompt_keys, log_target - log_q)
-        rewards = update.pseudo_rewards(cfg.divergence, log_pi_d, log_target, log_z)
-        advantages = rewards - update.baseline(rewards, group, n_groups, cfg.baseline)
+        values = {"log_pi": log_pi_d, "log_a": log_a, "log_target": log_target, "log_q": log_q, "reward": reward,
+                  "sample_logprobs": samples.sample_logprobs.double(), "length": samples.lengths().double()}
+        if cfg.token_kl:
+            with torch.no_grad():
+                tok_div = fdpipe_kernels.token_divergences(scores.logits.detach(), base_out.logits,
+                                                           mask=samples.completion_mask[:, 1:])
+            values["kl_tokens"] = tok_div.kl_pi_ref.double().sum(-1)
+        if self.gold_fn is not None:
+            values["gold"] = self.gold_fn(samples).double().to(log_pi_d.device)
+        totals = {"entropy": scores.entropy.detach().sum(), "tokens": samples.completion_mask[:, 1:].sum()}
+        batch = pool(world, samples, values, totals)
+        v, group, n_groups = batch.values, batch.group, batch.num_groups
+
+        log_z = self.log_z.update(batch.keys, v["log_target"] - v["log_q"])
+        rewards = update.pseudo_rewards(cfg.divergence, v["log_pi"], v["log_target"], log_z)
+        advantages = (rewards - update.baseline(rewards, group, n_groups, cfg.baseline))[batch.mine]
+        weights = None if on_policy else torch.exp(log_pi_d - log_q)     # π/q of this rank's samples
         loss = update.surrogate_loss(log_pi, advantages, weights)
+        if world.size > 1:   # this rank's share of the whole batch's mean
+            loss = loss * (len(samples) / len(batch))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        world.sum_gradients(policy.trainable_parameters())
         grad_norm = optim.clipped_step(self.optimizer, policy.trainable_parameters(), cfg.grad_clip)
         t_trained = time.perf_counter()
 
-        metrics = self._metrics(samples, reward, log_pi_d, log_a, log_target, log_q, log_z, rewards, loss,
-                                grad_norm, scores, base_out)
+        batch.totals["loss"] = world.sum(loss.detach())
+        metrics = step_metrics(batch, divergence=cfg.divergence, log_z=log_z, rewards=rewards, grad_norm=grad_norm,
+                               constraint=self.target.constraint, lam=self.target.lam, on_policy=on_policy)
         replaced = 0.0
         if not on_policy:
-            replaced = float(self._maybe_replace_proposal(log_pi_d, log_target, log_q, group, n_groups))
-        metrics.update(proposal_replaced=replaced, time_sample_s=t_sampled - t_start,
-                       time_score_s=t_scored - t_sampled, time_train_s=t_trained - t_scored,
-                       time_step_s=time.perf_counter() - t_start)
+            replaced = float(self._maybe_replace_proposal(v["log_pi"], v["log_target"], v["log_q"], group, n_groups))
+        metrics.update(proposal_replaced=replaced, time_sample_s=0.0, time_score_s=t_scored - t_learn,
+                       time_train_s=t_trained - t_scored, time_step_s=time.perf_counter() - t_learn)
         self.step_count += 1
         metrics["step"] = self.step_count
-        self.last_samples = samples
         return metrics
-
-    def _metrics(self, samples: Samples, reward, log_pi, log_a, log_target, log_q, log_z, rewards, loss,
-                 grad_norm, scores, base_out) -> dict:
-        group, n_groups = samples.prompt_index, samples.num_prompts
-        est = estimators.importance_divergences(log_pi, log_target, log_q, group, n_groups, log_z=log_z)
-        w = torch.exp(log_pi - log_q)                    # π/q: 1 on-policy
-        w_norm = w / w.mean()
-        n_tokens = samples.completion_mask[:, 1:].sum().clamp(min=1)
-        kl_tokens = math.nan
-        if self.cfg.token_kl:
-            with torch.no_grad():
-                tok_div = fdpipe_kernels.token_divergences(scores.logits.detach(), base_out.logits,
-                                                    mask=samples.completion_mask[:, 1:])
-            kl_tokens = float((w_norm * tok_div.kl_pi_ref.double().sum(-1)).mean())
-        on_policy = self.proposal is None
-        gap = (samples.sample_logprobs.double() - log_pi).abs().max() if on_policy else torch.tensor(math.nan)
-        out = {
-            "objective": est[self.cfg.divergence].value,
-            "loss": float(loss.detach()),
-            "pseudo_reward_mean": float(rewards.mean()),
-            "pseudo_reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "log_z": float(estimators.group_mean(log_z, group, n_groups).mean()),
-            "kl_p_pi": est["fkl"].value, "kl_p_pi_se": est["fkl"].stderr,
-            "kl_pi_p": est["rkl"].value, "kl_pi_p_se": est["rkl"].stderr,
-            "js": est["js"].value, "tv": est["tv"].value, "chi2": est["chi2"].value, "rchi2": est["rchi2"].value,
-            "kl_pi_a": float((w_norm * (log_pi - log_a)).mean()),
-            "kl_pi_a_tokens": kl_tokens,
-            "reward_mean": float((w_norm * reward).mean()),
-            "constraint": float((w_norm * self.target.constraint(reward)).mean()),
-            "entropy_per_token": float(scores.entropy.detach().sum() / n_tokens),
-            "completion_length": float(samples.lengths().double().mean()),
-            "logprob_gap": float(gap),
-            "grad_norm": float(grad_norm),
-            "lambda": float(self.target.lam) if self.target.lam is not None else math.nan,
-        }
-        if self.gold_fn is not None:
-            out["gold_mean"] = float((w_norm.cpu() * self.gold_fn(samples).double().cpu()).mean())
-        return out
 
     def _maybe_replace_proposal(self, log_pi, log_target, log_q, group, n_groups) -> bool:
         """Replace q by π_θ when ``E_p[log q − log π_θ] < 0`` (self-normalised per prompt)."""

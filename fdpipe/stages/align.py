@@ -6,7 +6,7 @@ run's ``beta`` or ``threshold`` is in units of reward standard deviations); the 
 (VADER compound) is only reported. The loop itself is `fdpipe.fdpg.aligner.Aligner`.
 
 Outputs: ``model/`` (HF ``save_pretrained``), ``metrics.parquet`` (one row per step, the
-columns of `fdpipe.fdpg.aligner.STEP_METRICS`) and ``target.json`` (the target with its fitted
+columns of `fdpipe.fdpg.metrics.STEP_METRICS`) and ``target.json`` (the target with its fitted
 λ). Resumable state (the policy's trainable parameters, optimiser, Z estimates, RNG, metrics
 so far; `fdpipe.training.checkpoint`) is kept in ``state_path`` beside the outputs and
 removed after a successful run.
@@ -22,17 +22,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fdpipe.common.errors import ConfigError
 from fdpipe.common.io import atomic_path, provenance, read_parquet, write_parquet
-from fdpipe.common.runtime import pick_device, seed_everything, set_threads
+from fdpipe.common.runtime import seed_everything, set_threads
 from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
 from fdpipe.fdpg.targets import Target
 from fdpipe.models import causal_lm, gold
 from fdpipe.models.policy import CausalPolicy
 from fdpipe.models.reward_model import RewardModel
 from fdpipe.models.trainable import set_trainable
-from fdpipe.training import checkpoint
+from fdpipe.training import checkpoint, distributed
+from fdpipe.training.distributed import World
 
 log = logging.getLogger("fdpipe.align")
+
+RANK_SEED_STRIDE = 1_000_003   # sampling seed of process r: seed + r * stride
 
 
 def _prompt_tokens(tokenizer, path) -> tuple[list, list[list[int]]]:
@@ -42,18 +46,42 @@ def _prompt_tokens(tokenizer, path) -> tuple[list, list[list[int]]]:
 
 
 def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, seed: int, out_model,
-        out_metrics, out_target, state_path, device: str = "auto", threads: int | None = None) -> pd.DataFrame:
-    """Train one f-DPG run and write its outputs; returns the per-step metrics."""
+        out_metrics, out_target, state_path, device: str = "auto", threads: int | None = None,
+        processes: int = 1) -> pd.DataFrame:
+    """Train one f-DPG run and write its outputs; returns the per-step metrics.
+
+    With ``processes > 1`` the run is data-parallel under torchrun: each process samples its
+    share of every step's prompts with its own generator, and log Z(c), baselines and metrics
+    are computed over the whole batch.
+    """
+    key = f"alignment.runs.{run_name}"
+    cfg = AlignConfig.from_config(run_cfg, key)
+    Target.from_config(run_cfg.get("target") or {}, key=f"{key}.target")
+    distributed.check_processes(processes, f"{key}.processes")
+    if cfg.prompts_per_step < processes:
+        raise ConfigError(f"{key}.prompts_per_step", f"at least {key}.processes ({processes})", cfg.prompts_per_step)
+    if processes > 1 and not distributed.in_launched_job():
+        distributed.relaunch(run, dict(sft_model=sft_model, reward_model=reward_model, prompts_path=prompts_path,
+                                       run_name=run_name, run_cfg=run_cfg, seed=seed, out_model=out_model,
+                                       out_metrics=out_metrics, out_target=out_target, state_path=state_path,
+                                       device=device, threads=threads), processes)
+        return read_parquet(out_metrics)
+    set_threads(threads)
+    with distributed.world(device) as (world, dev):
+        return _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_model, out_metrics,
+                      out_target, state_path, world, dev)
+
+
+def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_model, out_metrics, out_target,
+           state_path, world: World, dev) -> pd.DataFrame:
     key = f"alignment.runs.{run_name}"
     cfg = AlignConfig.from_config(run_cfg, key)
     target = Target.from_config(run_cfg.get("target") or {}, key=f"{key}.target")
     max_new_tokens = int(run_cfg.get("max_new_tokens", 24))
     train_layers = int(run_cfg.get("train_layers", -1))
     checkpoint_every = int(run_cfg.get("checkpoint_every", 10))
-    set_threads(threads)
-    dev = pick_device(device)
     seed_everything(seed)
-    fingerprint = checkpoint.fingerprint({"run": run_name, **run_cfg}, seed, {
+    fingerprint = checkpoint.fingerprint({"run": run_name, **run_cfg, "processes": world.size}, seed, {
         "sft_model": sft_model, "reward_model": reward_model, "prompts": prompts_path})
 
     tokenizer = causal_lm.load_tokenizer(sft_model)
@@ -62,7 +90,8 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
         p.requires_grad_(False)
     policy_model = copy.deepcopy(base_model)
     n_train = sum(p.numel() for p in set_trainable(policy_model, train_layers, key=f"{key}.train_layers"))
-    log.info("run %s: %s on %s, %d trainable parameters", run_name, cfg.divergence, target.describe(), n_train)
+    log.info("run %s: %s on %s, %d trainable parameters, %d process(es)", run_name, cfg.divergence,
+             target.describe(), n_train, world.size)
     policy = CausalPolicy.for_tokenizer(policy_model, tokenizer, max_new_tokens=max_new_tokens)
     base = CausalPolicy.for_tokenizer(base_model, tokenizer, max_new_tokens=max_new_tokens)
 
@@ -70,18 +99,21 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     reward_fn = lambda samples: scorer.score(samples.texts).to(dev)
     gold_fn = lambda samples: torch.from_numpy(gold.gold_reward(samples.texts))
     keys, tokens = _prompt_tokens(tokenizer, prompts_path)
-    generator = torch.Generator(device=dev).manual_seed(seed)
+    # every process draws from its own stream; a single process uses the seed itself
+    generator = torch.Generator(device=dev).manual_seed(seed + RANK_SEED_STRIDE * world.rank)
     aligner = Aligner(policy, base, reward_fn, target, PromptCycle(keys, tokens, seed), cfg,
-                      generator=generator, gold_fn=gold_fn)
+                      generator=generator, gold_fn=gold_fn, world=world)
 
     rows: list[dict] = []
     state = checkpoint.load_state(state_path, fingerprint)
     if state is not None:
-        aligner.load_state_dict(state["aligner"], source=state_path)
+        aligner.load_state_dict(state["aligner"][world.rank] if world.size > 1 else state["aligner"],
+                                source=state_path)
         rows = list(state["metrics"])
         log.info("resumed %s at step %d", run_name, aligner.step_count)
 
-    bar = tqdm(total=cfg.steps, initial=aligner.step_count, desc=f"align {run_name}", unit="step")
+    bar = tqdm(total=cfg.steps, initial=aligner.step_count, desc=f"align {run_name}", unit="step",
+               disable=not world.is_main)
     while aligner.step_count < cfg.steps:
         metrics = aligner.step()
         rows.append(metrics)
@@ -91,22 +123,27 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
         log.info("step %d %s", metrics["step"], " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                            if isinstance(v, float)))
         if aligner.step_count % checkpoint_every == 0 and aligner.step_count < cfg.steps:
-            checkpoint.save_state(state_path, fingerprint, aligner=aligner.state_dict(), metrics=rows)
+            # each process's sampling stream differs: the state keeps every rank's
+            states = aligner.state_dict() if world.size == 1 else world.gather_objects(aligner.state_dict())
+            if world.is_main:
+                checkpoint.save_state(state_path, fingerprint, aligner=states, metrics=rows)
     bar.close()
 
     frame = pd.DataFrame(rows)
     frame.insert(0, "run", run_name)
     frame.insert(1, "divergence", cfg.divergence)
     frame.insert(2, "target", target.describe())
-    meta = provenance({"run": run_name, **run_cfg}, seed, stage="align")
-    target_info = {"kind": target.kind, "beta": target.beta, "threshold": target.threshold,
-                   "epsilon": target.epsilon, "feature": target.feature, "moment": target.moment,
-                   "lambda": target.lam, "reward_normalized": True}
-    if aligner.lambda_fit is not None:
-        target_info["lambda_fit"] = {"moment": aligner.lambda_fit.moment, "error": aligner.lambda_fit.error}
-    causal_lm.save_causal_lm(policy_model, tokenizer, out_model)
-    write_parquet(frame, out_metrics, meta)
-    with atomic_path(out_target) as tmp:
-        tmp.write_text(json.dumps(target_info, indent=2))
-    checkpoint.remove_state(state_path)
+    if world.is_main:
+        meta = provenance({"run": run_name, **run_cfg}, seed, stage="align", processes=world.size)
+        target_info = {"kind": target.kind, "beta": target.beta, "threshold": target.threshold,
+                       "epsilon": target.epsilon, "feature": target.feature, "moment": target.moment,
+                       "lambda": target.lam, "reward_normalized": True}
+        if aligner.lambda_fit is not None:
+            target_info["lambda_fit"] = {"moment": aligner.lambda_fit.moment, "error": aligner.lambda_fit.error}
+        causal_lm.save_causal_lm(policy_model, tokenizer, out_model)
+        write_parquet(frame, out_metrics, meta)
+        with atomic_path(out_target) as tmp:
+            tmp.write_text(json.dumps(target_info, indent=2))
+        checkpoint.remove_state(state_path)
+    world.barrier()
     return frame

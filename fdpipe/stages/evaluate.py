@@ -60,7 +60,7 @@ log = logging.getLogger("fdpipe.evaluate")
 
 SFT = "sft"
 
-# Names follow the training metrics of fdpipe.fdpg.aligner.STEP_METRICS where they coincide.
+# Names follow the training metrics of fdpipe.fdpg.metrics.STEP_METRICS where they coincide.
 DIVERGENCE_METRICS = {"rkl": "kl_pi_p", "fkl": "kl_p_pi", "js": "js", "tv": "tv", "chi2": "chi2",
                       "rchi2": "rchi2"}
 

@@ -35,7 +35,7 @@ CURVE_COLUMNS = {
     "divergence": "the run's f-divergence",
     "target": "the run's target description",
     "step": "optimizer step (1-based)",
-    "metric": "training metric name (see fdpipe.fdpg.aligner.STEP_METRICS)",
+    "metric": "training metric name (see fdpipe.fdpg.metrics.STEP_METRICS)",
     "value": "its value at that step",
 }
 

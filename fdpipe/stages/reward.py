@@ -39,11 +39,12 @@ from tqdm.auto import tqdm
 from fdpipe.common.config import known_keys
 from fdpipe.common.errors import ConfigError
 from fdpipe.common.io import atomic_dir, provenance, read_parquet, write_parquet
-from fdpipe.common.runtime import pick_device, seed_everything, set_threads
+from fdpipe.common.runtime import seed_everything, set_threads
 from fdpipe.models.reward_model import STATS_FILE, RewardModel, load_backbone
 from fdpipe.models.trainable import set_trainable
-from fdpipe.training import checkpoint, optim
+from fdpipe.training import checkpoint, distributed, optim
 from fdpipe.training.batches import batches_per_epoch, length_bucketed_batches
+from fdpipe.training.distributed import World
 
 log = logging.getLogger("fdpipe.reward")
 
@@ -195,19 +196,39 @@ def heldout_metrics(scorer: RewardModel, val: pd.DataFrame, ratings: pd.DataFram
 
 
 def run(*, backbone: str, prefs_train_path, prefs_val_path, ratings_path, cfg: dict, seed: int,
-        out_dir, metrics_path, state_path, device: str = "auto", threads: int | None = None) -> dict:
+        out_dir, metrics_path, state_path, device: str = "auto", threads: int | None = None,
+        processes: int = 1) -> dict:
     """Train the reward model and write its outputs (see the module docstring).
 
     `backbone`: `embedded` or an HF name/path; `cfg`: the `reward` config section;
     `ratings_path`: held-out sentences with human ratings (`text`, `rating`), used for the
-    correlation metrics and the mean/std in reward_stats.json. Returns the final metrics.
+    correlation metrics and the mean/std in reward_stats.json. Returns the final held-out
+    metrics. With ``processes > 1`` it runs data-parallel under torchrun (each process takes
+    its share of every batch; held-out evaluation runs on the main process).
     """
     config = RewardConfig.from_dict(cfg)
+    distributed.check_processes(processes, "reward.processes")
+    if min(config.batch_size, len(read_pairs(prefs_train_path))) < processes:
+        raise ConfigError("reward.batch_size", f"at least reward.processes ({processes}) pairs", config.batch_size)
+    if processes > 1 and not distributed.in_launched_job():
+        distributed.relaunch(run, dict(backbone=backbone, prefs_train_path=prefs_train_path,
+                                       prefs_val_path=prefs_val_path, ratings_path=ratings_path, cfg=cfg, seed=seed,
+                                       out_dir=out_dir, metrics_path=metrics_path, state_path=state_path,
+                                       device=device, threads=threads), processes)
+        metrics = read_parquet(metrics_path)
+        last = metrics[(metrics["split"] == "val") & (metrics["step"] == metrics["step"].max())]
+        return dict(zip(last["metric"], last["value"].astype(float)))
+    set_threads(threads)
+    with distributed.world(device) as (world, dev):
+        return _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config, seed, out_dir,
+                      metrics_path, state_path, world, dev)
+
+
+def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: RewardConfig, seed, out_dir,
+           metrics_path, state_path, world: World, dev) -> dict:
     train = read_pairs(prefs_train_path)
     val = read_pairs(prefs_val_path)
     ratings = read_ratings(ratings_path)
-    set_threads(threads)
-    dev = pick_device(device)
     seed_everything(seed)
 
     model, tokenizer = load_backbone(backbone)
@@ -222,7 +243,7 @@ def run(*, backbone: str, prefs_train_path, prefs_val_path, ratings_path, cfg: d
              backbone, len(train), total, batch_size, sum(p.numel() for p in params), dev)
 
     fingerprint = checkpoint.fingerprint(
-        dataclasses.asdict(config), seed,
+        {**dataclasses.asdict(config), "processes": world.size}, seed,
         {"backbone": backbone, "prefs_train": prefs_train_path, "prefs_val": prefs_val_path, "ratings": ratings_path})
     rows: list[dict] = []
     start, elapsed = 0, 0.0  # steps done and training seconds spent before this process
@@ -236,28 +257,36 @@ def run(*, backbone: str, prefs_train_path, prefs_val_path, ratings_path, cfg: d
     pair_lengths = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]  # characters
     final, rated = {}, None  # set by the evaluation at the last step (states are saved before it)
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, total), initial=start, total=total, desc="reward", mininterval=1.0)
+    bar = tqdm(range(start, total), initial=start, total=total, desc="reward", mininterval=1.0,
+               disable=not world.is_main)
     for step in bar:
-        idx = length_bucketed_batches(step, pair_lengths, batch_size, seed).tolist()
+        idx = world.shard(length_bucketed_batches(step, pair_lengths, batch_size, seed).tolist())
         enc = tokenizer([chosen[i] for i in idx] + [rejected[i] for i in idx], padding=True,
                         truncation=True, max_length=config.max_length, return_tensors="pt").to(dev)
         r = model(**enc).logits[:, 0].float()
         r_c, r_r = r[:len(idx)], r[len(idx):]
         loss = bt_loss(r_c, r_r, config.center_coef)
+        if world.size > 1:   # this rank's share of the global batch's mean loss
+            loss = loss * (len(idx) / batch_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        world.sum_gradients(params)
         lr = scheduler.get_last_lr()[0]
         grad_norm = optim.clipped_step(optimizer, params, config.grad_clip, scheduler)
 
         done = step + 1
         with torch.no_grad():
-            bt = -F.logsigmoid(r_c - r_r).mean().item()
-            acc = ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean().item()
+            pair_loss = -F.logsigmoid(r_c - r_r)
+            pair_acc = (r_c > r_r).float() + 0.5 * (r_c == r_r).float()
+            if world.size > 1:   # means over the global batch
+                bt, acc = (world.sum(torch.stack([pair_loss.sum(), pair_acc.sum()])) / batch_size).tolist()
+            else:
+                bt, acc = pair_loss.mean().item(), pair_acc.mean().item()
         rows += [{"step": done, "split": "train", "metric": k, "value": float(v)}
                  for k, v in (("loss", bt), ("accuracy", acc), ("lr", lr), ("grad_norm", grad_norm))]
         bar.set_postfix(loss=f"{bt:.3f}")
 
-        if done == total or done % config.eval_every == 0:
+        if world.is_main and (done == total or done % config.eval_every == 0):
             metrics, rated = heldout_metrics(scorer, val, ratings, config.eval_batch_size)
             metrics["elapsed_s"] = time.perf_counter() - t0
             rows += [{"step": done, "split": "val", "metric": k, "value": float(v)}
@@ -267,22 +296,24 @@ def run(*, backbone: str, prefs_train_path, prefs_val_path, ratings_path, cfg: d
                      metrics["pearson"], metrics["spearman"])
             if done == total:
                 final = metrics
-        if done % config.checkpoint_every == 0 and done < total:
+        if world.is_main and done % config.checkpoint_every == 0 and done < total:
             checkpoint.save_state(state_path, fingerprint, step=done, elapsed_s=time.perf_counter() - t0,
                                   metrics=rows, **checkpoint.training_snapshot(model, optimizer, scheduler))
     bar.close()
 
-    stats = {"mean": float(rated.double().mean()), "std": float(rated.double().std(correction=0)),
-             "n": len(rated), "max_length": config.max_length,
-             "description": "reward mean and std over the held-out rated sentences"}
-    model.eval()
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
-    meta = provenance({"reward": dataclasses.asdict(config), "backbone": backbone}, seed,
-                      stage="reward", total_steps=total)
-    write_parquet(pd.DataFrame(rows, columns=METRIC_COLUMNS), metrics_path, meta)
-    checkpoint.remove_state(state_path)
-    log.info("saved %s and %s (%.1f s of training)", out_dir, metrics_path, time.perf_counter() - t0)
+    if world.is_main:
+        stats = {"mean": float(rated.double().mean()), "std": float(rated.double().std(correction=0)),
+                 "n": len(rated), "max_length": config.max_length,
+                 "description": "reward mean and std over the held-out rated sentences"}
+        model.eval()
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (Path(tmp) / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+        meta = provenance({"reward": dataclasses.asdict(config), "backbone": backbone}, seed,
+                          stage="reward", total_steps=total, processes=world.size)
+        write_parquet(pd.DataFrame(rows, columns=METRIC_COLUMNS), metrics_path, meta)
+        checkpoint.remove_state(state_path)
+        log.info("saved %s and %s (%.1f s of training)", out_dir, metrics_path, time.perf_counter() - t0)
+    world.barrier()
     return final

@@ -27,11 +27,12 @@ import torch
 
 from fdpipe.common.errors import ConfigError
 from fdpipe.common.io import provenance, read_parquet, write_parquet
-from fdpipe.common.runtime import pick_device, seed_everything, set_threads
+from fdpipe.common.runtime import seed_everything, set_threads
 from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer, save_causal_lm
 from fdpipe.models.trainable import eval_mode, set_trainable
-from fdpipe.training import checkpoint, optim
+from fdpipe.training import checkpoint, distributed, optim
 from fdpipe.training.batches import epoch_batches
+from fdpipe.training.distributed import World
 
 log = logging.getLogger("fdpipe.sft")
 
@@ -134,8 +135,9 @@ def completion_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return -logp.sum() / max(n_tokens, 1), n_tokens
 
 
-def validation_loss(model, batches, device) -> dict[str, float]:
-    """Token-weighted mean completion loss and its perplexity over `batches`."""
+def validation_loss(model, batches, device, world: World = World()) -> dict[str, float]:
+    """Token-weighted mean completion loss and its perplexity over `batches` (over every
+    rank's batches when several processes share them)."""
     total, count = 0.0, 0
     with eval_mode(model):
         for batch in batches:
@@ -143,6 +145,8 @@ def validation_loss(model, batches, device) -> dict[str, float]:
             loss, n = completion_loss(model, batch)
             total += float(loss) * n
             count += n
+    if world.size > 1:
+        total, count = world.sum(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
@@ -150,20 +154,37 @@ def validation_loss(model, batches, device) -> dict[str, float]:
 # ---------------------------------------------------------------------------- stage
 
 def run(*, model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metrics_path,
-        state_path, device="auto", threads=None) -> pd.DataFrame:
+        state_path, device="auto", threads=None, processes: int = 1) -> pd.DataFrame:
     """Fine-tune `model_path` on sft_train, write the model to `out_dir` and metrics.
 
     Metrics (tidy: step, split, metric, value): per training step loss, perplexity,
     tokens_per_s (prompt and completion tokens), seconds, lr, grad_norm; on val at step 0,
     every `eval_every` steps and at the end, loss and perplexity. Returns the metrics frame.
+
+    With ``processes > 1`` the stage runs data-parallel under torchrun: each process takes its
+    share of every batch, and the loss curve is that of one process on the same batches.
     """
+    check_config(cfg)
+    distributed.check_processes(processes, "sft.processes")
+    if cfg["batch_size"] < processes:
+        raise ConfigError("sft.batch_size", f"at least sft.processes ({processes})", cfg["batch_size"])
+    if processes > 1 and not distributed.in_launched_job():
+        distributed.relaunch(run, dict(model_path=model_path, train_path=train_path, val_path=val_path, cfg=cfg,
+                                       seed=seed, out_dir=out_dir, metrics_path=metrics_path,
+                                       state_path=state_path, device=device, threads=threads), processes)
+        return read_parquet(metrics_path)
+    set_threads(threads)
+    with distributed.world(device) as (world, dev):
+        return _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, state_path, world, dev)
+
+
+def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, state_path, world: World,
+           device) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    check_config(cfg)
-    set_threads(threads)
-    device = pick_device(device)
     seed_everything(seed)
-    fingerprint = checkpoint.fingerprint(cfg, seed, {"model": model_path, "train": train_path, "val": val_path})
+    fingerprint = checkpoint.fingerprint({**cfg, "processes": world.size}, seed,
+                                         {"model": model_path, "train": train_path, "val": val_path})
 
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, device=device)
@@ -180,9 +201,9 @@ def run(*, model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metr
 
     params = set_trainable(model, cfg["train_layers"], key="sft.train_layers")
     n_train = sum(p.numel() for p in params)
-    log.info("model %s: %.1fM of %.1fM parameters train; %d train / %d val examples; device %s",
+    log.info("model %s: %.1fM of %.1fM parameters train; %d train / %d val examples; device %s; %d process(es)",
              model_path, n_train / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
-             len(train_ex), len(val_ex), device)
+             len(train_ex), len(val_ex), device, world.size)
     optimizer = optim.adamw(params, cfg["lr"], cfg["weight_decay"])
     scheduler = optim.lr_schedule(optimizer, "cosine", cfg["warmup_steps"], cfg["steps"])
 
@@ -199,49 +220,55 @@ def run(*, model_path, train_path, val_path, cfg: dict, seed: int, out_dir, metr
                        for k, v in values.items())
 
     if start == 0:
-        val = validation_loss(model, val_batches, device)
+        val = validation_loss(model, world.shard(val_batches), device, world)
         record(0, "val", val)
         log.info("step 0: val loss %.4f", val["loss"])
 
     model.train()
     bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="sft",
-               mininterval=5.0)
+               mininterval=5.0, disable=not world.is_main)
     for step in bar:
         t0 = time.perf_counter()
-        idx = epoch_batches(step, bs, len(train_ex), seed)
+        idx = world.shard(epoch_batches(step, bs, len(train_ex), seed))
         batch = {k: v.to(device) for k, v in
                  collate([train_ex[i] for i in idx], tokenizer.pad_token_id).items()}
-        loss, _ = completion_loss(model, batch)
+        loss, n_tokens = completion_loss(model, batch)
+        if world.size > 1:   # this rank's share of the global batch's mean loss
+            loss = loss * (n_tokens / float(world.sum(torch.tensor(n_tokens, device=device))))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        world.sum_gradients(params)
         lr = scheduler.get_last_lr()[0]
         grad_norm = optim.clipped_step(optimizer, params, cfg["grad_clip"], scheduler)
         seconds = time.perf_counter() - t0
         done = step + 1
-        value = loss.detach().item()
+        value = world.sum(loss.detach()).item()
+        tokens = int(world.sum(batch["attention_mask"].sum()))
         record(done, "train", {"loss": value, "perplexity": math.exp(min(value, 50.0)),
-                               "tokens_per_s": int(batch["attention_mask"].sum()) / seconds,
+                               "tokens_per_s": tokens / seconds,
                                "seconds": seconds, "lr": lr, "grad_norm": float(grad_norm)})
         bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         if done % LOG_EVERY == 0:
             log.info("step %d/%d: train loss %.4f (%.2f s/step)", done, cfg["steps"], value,
                      seconds)
         if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
-            val = validation_loss(model, val_batches, device)
+            val = validation_loss(model, world.shard(val_batches), device, world)
             record(done, "val", val)
             log.info("step %d: train loss %.4f, val loss %.4f", done, value, val["loss"])
-        if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
+        if world.is_main and (done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]):
             checkpoint.save_state(state_path, fingerprint, step=done, metrics=metrics,
                                   **checkpoint.training_snapshot(model, optimizer, scheduler))
     bar.close()
 
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    save_causal_lm(model, tokenizer, out_dir)
     table = pd.DataFrame(metrics, columns=["step", "split", "metric", "value"])
     table = table.astype({"step": "int64", "split": str, "metric": str, "value": "float64"})
-    write_parquet(table, metrics_path, provenance(cfg, seed, stage="sft", model=str(model_path),
-                                                  trained_parameters=n_train))
-    checkpoint.remove_state(state_path)
+    if world.is_main:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        save_causal_lm(model, tokenizer, out_dir)
+        write_parquet(table, metrics_path, provenance(cfg, seed, stage="sft", model=str(model_path),
+                                                      trained_parameters=n_train, processes=world.size))
+        checkpoint.remove_state(state_path)
+    world.barrier()
     return table
