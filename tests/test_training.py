@@ -6,6 +6,7 @@ import torch
 
 from fdpipe.common.errors import DataError
 from fdpipe.training import batches, checkpoint, optim
+from fdpipe.training.guards import NonFiniteError, check
 
 
 # ----------------------------------------------------------------------------- state
@@ -71,6 +72,28 @@ def test_trainable_tensors_hold_only_what_trains(tmp_path):
         checkpoint.load_tensors(fresh, {"9.weight": torch.zeros(1)}, "state.pt")
 
 
+def test_save_schedule_by_steps_and_by_seconds(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    schedule = checkpoint.SaveSchedule(every_steps=5, every_seconds=30)
+    assert [schedule.due(s) for s in (1, 2, 5)] == [False, False, True]
+    clock[0] += 29
+    assert not schedule.due(6)
+    clock[0] += 1
+    assert schedule.due(7)
+    schedule.saved()
+    assert not schedule.due(8)
+    assert not checkpoint.SaveSchedule(every_steps=5).due(3)       # no time limit
+
+
+def test_non_finite_values_stop_with_the_step_and_the_cause():
+    check(4, loss=torch.tensor(1.0), reward=torch.tensor([0.5, -2.0]))
+    with pytest.raises(NonFiniteError, match=r"step 4: non-finite reward \(inf\)"):
+        check(4, loss=torch.tensor(1.0), reward=torch.tensor([0.5, float("inf")]))
+    with pytest.raises(NonFiniteError, match=r"step 9: non-finite loss \(nan\)"):
+        check(9, loss=float("nan"))
+
+
 def test_rng_state_restores_the_stream():
     state = checkpoint.rng_state()
     a = torch.rand(5)
@@ -100,12 +123,16 @@ def test_adamw_without_decay_is_adam_and_decays_matrices_only():
 def test_clipped_step_returns_the_norm_before_clipping():
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([3.0, 4.0])
-    norm = optim.clipped_step(torch.optim.SGD([p], lr=1.0), [p], grad_clip=1.0)
+    norm = optim.clipped_step(torch.optim.SGD([p], lr=1.0), [p], grad_clip=1.0, step=1)
     assert float(norm) == pytest.approx(5.0)
     torch.testing.assert_close(p.detach(), torch.tensor([-0.6, -0.8]))
     p.grad = torch.tensor([3.0, 4.0])
-    optim.clipped_step(torch.optim.SGD([p], lr=1.0), [p], grad_clip=0)   # 0: no clipping
+    optim.clipped_step(torch.optim.SGD([p], lr=1.0), [p], grad_clip=0, step=2)   # 0: no clipping
     torch.testing.assert_close(p.detach(), torch.tensor([-3.6, -4.8]))
+    p.grad = torch.tensor([float("nan"), 1.0])
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite gradient_norm \(nan\); the last good state is kept in s.pt"):
+        optim.clipped_step(torch.optim.SGD([p], lr=1.0), [p], grad_clip=1.0, step=3, state_path="s.pt")
+    torch.testing.assert_close(p.detach(), torch.tensor([-3.6, -4.8]))      # untouched
 
 
 def test_schedules():

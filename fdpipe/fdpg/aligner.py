@@ -38,7 +38,7 @@ from fdpipe.fdpg import divergences, estimators, update
 from fdpipe.fdpg.metrics import pool, step_metrics
 from fdpipe.fdpg.targets import Target, fit_lambda
 from fdpipe.models.policy import CausalPolicy, Samples
-from fdpipe.training import checkpoint, optim
+from fdpipe.training import checkpoint, guards, optim
 from fdpipe.training.distributed import World
 
 @dataclass
@@ -116,16 +116,20 @@ class Aligner:
         cfg: `AlignConfig`.
         generator: torch generator for sampling (on the policy's device).
         gold_fn: optional ``Samples → tensor [B]`` gold reward, only reported.
+        world: this process's place in a data-parallel job (alone by default).
+        state_path: the resume state of the stage, named when a non-finite value stops training.
     """
 
     def __init__(self, policy: CausalPolicy, base: CausalPolicy, reward_fn, target: Target, prompts,
-                 cfg: AlignConfig, *, generator: torch.Generator, gold_fn=None, world: World = World()):
+                 cfg: AlignConfig, *, generator: torch.Generator, gold_fn=None, world: World = World(),
+                 state_path=None):
         if cfg.prompts_per_step < world.size:
             raise ConfigError("prompts_per_step", f"at least the number of processes ({world.size})",
                               cfg.prompts_per_step)
         self.policy, self.base, self.reward_fn, self.target = policy, base, reward_fn, target
         self.prompts, self.cfg, self.generator, self.gold_fn = prompts, cfg, generator, gold_fn
         self.world = world
+        self.state_path = state_path   # the stage's resume state, named in errors
         self.optimizer = optim.adamw(policy.trainable_parameters(), cfg.lr)  # no weight decay: Adam
         self.log_z = estimators.RunningLogZ()
         self.proposal = self._frozen_copy(policy) if cfg.proposal == "offline" else None
@@ -190,6 +194,7 @@ class Aligner:
         cfg, policy, world = self.cfg, self.policy, self.world
         t_learn = time.perf_counter()
         reward = self.reward_fn(samples).to(torch.float64)
+        guards.check(self.step_count + 1, self.state_path, reward=reward)
         with torch.no_grad():
             base_out = self.base.score(samples, keep_logits=cfg.token_kl)
         log_a = base_out.logprobs.double()
@@ -221,12 +226,14 @@ class Aligner:
         advantages = (rewards - update.baseline(rewards, group, n_groups, cfg.baseline))[batch.mine]
         weights = None if on_policy else torch.exp(log_pi_d - log_q)     # π/q of this rank's samples
         loss = update.surrogate_loss(log_pi, advantages, weights)
+        guards.check(self.step_count + 1, self.state_path, loss=loss.detach())
         if world.size > 1:   # this rank's share of the whole batch's mean
             loss = loss * (len(samples) / len(batch))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         world.sum_gradients(policy.trainable_parameters())
-        grad_norm = optim.clipped_step(self.optimizer, policy.trainable_parameters(), cfg.grad_clip)
+        grad_norm = optim.clipped_step(self.optimizer, policy.trainable_parameters(), cfg.grad_clip,
+                                       step=self.step_count + 1, state_path=self.state_path)
         t_trained = time.perf_counter()
 
         batch.totals["loss"] = world.sum(loss.detach())

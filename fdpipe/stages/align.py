@@ -102,7 +102,7 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     # every process draws from its own stream; a single process uses the seed itself
     generator = torch.Generator(device=dev).manual_seed(seed + RANK_SEED_STRIDE * world.rank)
     aligner = Aligner(policy, base, reward_fn, target, PromptCycle(keys, tokens, seed), cfg,
-                      generator=generator, gold_fn=gold_fn, world=world)
+                      generator=generator, gold_fn=gold_fn, world=world, state_path=state_path)
 
     rows: list[dict] = []
     state = checkpoint.load_state(state_path, fingerprint)

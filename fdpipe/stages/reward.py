@@ -42,7 +42,7 @@ from fdpipe.common.io import atomic_dir, provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import seed_everything, set_threads
 from fdpipe.models.reward_model import STATS_FILE, RewardModel, load_backbone
 from fdpipe.models.trainable import set_trainable
-from fdpipe.training import checkpoint, distributed, optim
+from fdpipe.training import checkpoint, distributed, guards, optim
 from fdpipe.training.batches import batches_per_epoch, length_bucketed_batches
 from fdpipe.training.distributed import World
 
@@ -266,13 +266,15 @@ def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: Rew
         r = model(**enc).logits[:, 0].float()
         r_c, r_r = r[:len(idx)], r[len(idx):]
         loss = bt_loss(r_c, r_r, config.center_coef)
+        guards.check(step + 1, state_path, loss=loss.detach())
         if world.size > 1:   # this rank's share of the global batch's mean loss
             loss = loss * (len(idx) / batch_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         world.sum_gradients(params)
         lr = scheduler.get_last_lr()[0]
-        grad_norm = optim.clipped_step(optimizer, params, config.grad_clip, scheduler)
+        grad_norm = optim.clipped_step(optimizer, params, config.grad_clip, scheduler, step=step + 1,
+                                       state_path=state_path)
 
         done = step + 1
         with torch.no_grad():

@@ -30,7 +30,7 @@ from fdpipe.common.io import provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import seed_everything, set_threads
 from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer, save_causal_lm
 from fdpipe.models.trainable import eval_mode, set_trainable
-from fdpipe.training import checkpoint, distributed, optim
+from fdpipe.training import checkpoint, distributed, guards, optim
 from fdpipe.training.batches import epoch_batches
 from fdpipe.training.distributed import World
 
@@ -233,13 +233,15 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
         batch = {k: v.to(device) for k, v in
                  collate([train_ex[i] for i in idx], tokenizer.pad_token_id).items()}
         loss, n_tokens = completion_loss(model, batch)
+        guards.check(step + 1, state_path, loss=loss.detach())
         if world.size > 1:   # this rank's share of the global batch's mean loss
             loss = loss * (n_tokens / float(world.sum(torch.tensor(n_tokens, device=device))))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         world.sum_gradients(params)
         lr = scheduler.get_last_lr()[0]
-        grad_norm = optim.clipped_step(optimizer, params, cfg["grad_clip"], scheduler)
+        grad_norm = optim.clipped_step(optimizer, params, cfg["grad_clip"], scheduler, step=step + 1,
+                                       state_path=state_path)
         seconds = time.perf_counter() - t0
         done = step + 1
         value = world.sum(loss.detach()).item()

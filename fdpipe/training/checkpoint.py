@@ -16,6 +16,7 @@ estimates the loop keeps. They are loaded with ``weights_only=True``.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +77,23 @@ def load_state(path, fingerprint: str, map_location="cpu") -> dict | None:
         raise DataError(path, f"training state of another run (its config, seed or inputs differ); {RESTART_HINT}")
     log.info("resuming from %s", path)
     return state
+
+
+class SaveSchedule:
+    """When to write the state: after every `every_steps`-th step, and after any step that ends
+    `every_seconds` or more after the last write (0: no time limit), so that a kill loses at
+    most that many seconds of work plus one step."""
+
+    def __init__(self, every_steps: int, every_seconds: float = 0.0):
+        self.every_steps, self.every_seconds = int(every_steps), float(every_seconds)
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        late = self.every_seconds > 0 and time.monotonic() - self.last >= self.every_seconds
+        return step % self.every_steps == 0 or late
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def remove_state(path) -> None:

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from fdpipe.training import guards
+
 
 def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """AdamW over `params`; weight decay applies to matrices only (not to biases and norms).
@@ -18,10 +20,16 @@ def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, params, grad_clip: float,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> torch.Tensor:
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, step: int,
+                 state_path=None) -> torch.Tensor:
     """Clip the global gradient norm to `grad_clip` (0: no clipping), step the optimizer and
-    the schedule; return the norm before clipping."""
+    the schedule; return the norm before clipping.
+
+    A non-finite norm stops training (`guards.NonFiniteError` naming `step`) before the
+    optimizer touches the parameters.
+    """
     norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip if grad_clip > 0 else math.inf)
+    guards.check(step, state_path, gradient_norm=norm)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
