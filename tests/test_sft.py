@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from fdpipe.stages import data, sft
 from fdpipe.training import checkpoint
+from fdpipe.training.guards import NonFiniteError
 
 from fdpipe.models import causal_lm
 from fdpipe.common.errors import ConfigError, DataError
@@ -157,6 +158,25 @@ def test_killed_run_resumes_to_the_same_result(trained, assets, tmp_path, monkey
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
     keep = ~straight.metric.isin(["tokens_per_s", "seconds"])
     assert resumed[keep].reset_index(drop=True).equals(straight[keep].reset_index(drop=True))
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_state(assets, tmp_path, monkeypatch):
+    real, calls = sft.completion_loss, []
+
+    def nan_at_step_13(model, batch):
+        loss, n = real(model, batch)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 13:
+                loss = loss * float("nan")
+        return loss, n
+
+    monkeypatch.setattr(sft, "completion_loss", nan_at_step_13)
+    with pytest.raises(NonFiniteError, match=r"step 13: non-finite loss \(nan\); the last good state is kept in .*state.pt"):
+        run_sft(assets, tmp_path)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 10 and not (tmp_path / "model").exists()
+    assert all(torch.isfinite(v).all() for v in state["trained"].values())
 
 
 def test_state_of_another_config_stops_with_the_path(assets, tmp_path):
