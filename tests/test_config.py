@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fdpipe.common.config import merged_run_config, validate_config
+from fdpipe.common.config import merged_run_config, run_names, validate_config
 from fdpipe.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,3 +55,16 @@ def test_run_config_merges_defaults_and_nested_target():
     assert alignment["defaults"]["target"]["beta"] == 0.1      # the defaults are not modified
     with pytest.raises(ConfigError, match="alignment.runs"):
         merged_run_config(alignment, "missing")
+
+
+def test_select_states_exactly_which_runs_exist():
+    alignment = {"runs": {"rkl": {}, "js": {}, "mine": {"divergence": "tv"}}}
+    assert run_names(alignment) == ["rkl", "js", "mine"]
+    assert run_names({**alignment, "select": ["mine"]}) == ["mine"]
+    assert run_names({**alignment, "select": None}) == ["rkl", "js", "mine"]
+    with pytest.raises(ConfigError, match=r"'alignment.select': expected names of alignment.runs entries .*got 'typo'"):
+        run_names({**alignment, "select": ["mine", "typo"]})
+    with pytest.raises(ConfigError, match="'alignment.select': expected a non-empty list"):
+        run_names({**alignment, "select": []})
+    with pytest.raises(ConfigError, match="'alignment.select': expected each run named once"):
+        run_names({**alignment, "select": ["js", "js"]})

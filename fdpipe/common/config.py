@@ -6,6 +6,29 @@ import copy
 from fdpipe.common.errors import ConfigError
 
 
+def run_names(alignment_cfg: dict) -> list[str]:
+    """The alignment runs that exist: ``alignment.select`` when given, else every entry of
+    ``alignment.runs``.
+
+    Config files given with ``--configfile`` merge into config/config.yaml entry by entry, so
+    they can add runs but not remove the default ones; ``select`` states exactly which runs
+    a config wants.
+    """
+    runs = alignment_cfg.get("runs") or {}
+    select = alignment_cfg.get("select")
+    if select is None:
+        return list(runs)
+    if not isinstance(select, list) or not select or not all(isinstance(name, str) for name in select):
+        raise ConfigError("alignment.select", "a non-empty list of run names (or null for every run)", select)
+    unknown = [name for name in select if name not in runs]
+    if unknown:
+        raise ConfigError("alignment.select", f"names of alignment.runs entries ({', '.join(runs) or 'none'})",
+                          unknown[0])
+    if len(set(select)) != len(select):
+        raise ConfigError("alignment.select", "each run named once", select)
+    return list(select)
+
+
 def merged_run_config(alignment_cfg: dict, run: str) -> dict:
     """``alignment.defaults`` overridden by ``alignment.runs.<run>`` (nested dicts merged).
 
