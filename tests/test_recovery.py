@@ -1,0 +1,136 @@
+"""Kill a real Snakemake run anywhere (SIGKILL to the whole process tree), recover with the one
+documented command, and get exactly the outputs of an uninterrupted run.
+
+The tiny DAG's chain up to one alignment run (data → sft → reward model → align rkl) runs with
+resume states written every step; one run is killed while `sft` holds its state, another while
+`align` holds its state. `python workflow/run.py ...` (the README's recovery command) releases
+the stale lock, reruns the incomplete job, which resumes from its state, and finishes the chain.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import tiny_assets
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "config" / "tiny.yaml"
+TARGET = "results/align/rkl/metrics.parquet"
+# more steps and a state after every step, so that a kill finds one in place
+OVERLAY = """\
+sft: {steps: 6, checkpoint_every: 1}
+alignment:
+  defaults: {steps: 6, checkpoint_every: 1}
+"""
+ENV = {**os.environ, "TRITON_INTERPRET": "0", "FDPIPE_KERNEL_BACKEND": "torch"}
+TIMING = ("seconds", "tokens_per_s", "elapsed_s")
+
+
+def _prepare(work: Path) -> list[str]:
+    tiny_assets.build_tiny_lm(work / "tiny" / "lm")
+    tiny_assets.write_ratings_csv(work / "tiny" / "reviews.csv", n=300)
+    (work / "overlay.yaml").write_text(OVERLAY)
+    return ["-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile", str(TINY), str(work / "overlay.yaml"),
+            "--cores", "2", TARGET]
+
+
+def _recover(args) -> subprocess.CompletedProcess:
+    """The README's recovery command."""
+    return subprocess.run([sys.executable, str(REPO / "workflow" / "run.py"), *args], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _kill_when(args, state: Path, timeout: float = 300.0) -> None:
+    """Start snakemake in its own process group; SIGKILL the group once `state` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args], env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not state.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the run ended (or timed out) before {state} appeared")
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _outputs(work: Path) -> dict:
+    """Every output under results/: Parquet tables without timing columns, other files by digest."""
+    out = {}
+    for path in sorted((work / "results").rglob("*")):
+        if not path.is_file() or path.name.startswith(".snakemake"):
+            continue
+        rel = str(path.relative_to(work))
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+            df = df.drop(columns=[c for c in df.columns if c.startswith("time_")])
+            if "metric" in df.columns:
+                df = df[~df["metric"].isin(TIMING)]
+            out[rel] = df.reset_index(drop=True)
+        else:
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _assert_same_outputs(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        if isinstance(value, pd.DataFrame):
+            pd.testing.assert_frame_equal(got[name], value, check_exact=True, obj=name)
+        else:
+            assert got[name] == value, name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    work = tmp_path_factory.mktemp("straight")
+    args = _prepare(work)
+    done = subprocess.run([sys.executable, "-m", "snakemake", *args], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _outputs(work)
+
+
+@pytest.mark.parametrize("stage, state, log", [
+    ("sft", "results/sft/state.pt", "logs/sft/sft.log"),
+    ("align", "results/align/rkl/state.pt", "logs/align/rkl.log"),
+])
+def test_killed_run_recovers_to_the_uninterrupted_outputs(uninterrupted, tmp_path, stage, state, log):
+    args = _prepare(tmp_path)
+    _kill_when(args, tmp_path / state)
+    assert (tmp_path / state).exists()
+    assert any((tmp_path / ".snakemake" / "locks").iterdir())          # the kill left the lock behind
+    plain = subprocess.run([sys.executable, "-m", "snakemake", *args], env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert plain.returncode != 0 and "cannot be locked" in plain.stdout + plain.stderr   # what users met
+    recovered = _recover(args)
+    assert recovered.returncode == 0, recovered.stderr[-3000:]
+    assert "removing the lock a killed run left" in recovered.stderr
+    assert "resumed" in (tmp_path / log).read_text()
+    assert not (tmp_path / state).exists()
+    _assert_same_outputs(_outputs(tmp_path), uninterrupted)
+
+
+def test_recovery_refuses_while_snakemake_runs(tmp_path):
+    args = _prepare(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args], env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((tmp_path / ".snakemake" / "locks").glob("*")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        refused = _recover(args)
+        assert refused.returncode == 1 and f"snakemake is running here (process {proc.pid}" in refused.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
