@@ -1,10 +1,12 @@
 """Kill a real Snakemake run anywhere (SIGKILL to the whole process tree), recover with the one
 documented command, and get exactly the outputs of an uninterrupted run.
 
-The tiny DAG's chain up to one alignment run (data → sft → reward model → align rkl) runs with
-resume states written every step; one run is killed while `sft` holds its state, another while
-`align` holds its state. `python workflow/run.py ...` (the README's recovery command) releases
-the stale lock, reruns the incomplete job, which resumes from its state, and finishes the chain.
+The tiny DAG (whose config writes resume states after every step) runs its chain up to one
+alignment run (data → sft → reward model → align rkl); one run is killed while `sft` holds its
+state, another while `align` holds its state. `python workflow/run.py ...` (the README's
+recovery command) releases the stale lock, reruns the incomplete job, which resumes from its
+state, and finishes the chain; its outputs must equal those of the uninterrupted whole-DAG run
+of tests/test_workflow.py (same config, same seed).
 """
 from __future__ import annotations
 
@@ -19,27 +21,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import tiny_assets
+from tiny_dag import ENV, REPO, prepare, snakemake_args
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "config" / "tiny.yaml"
 TARGET = "results/align/rkl/metrics.parquet"
-# more steps and a state after every step, so that a kill finds one in place
-OVERLAY = """\
-sft: {steps: 6, checkpoint_every: 1}
-alignment:
-  defaults: {steps: 6, checkpoint_every: 1}
-"""
-ENV = {**os.environ, "TRITON_INTERPRET": "0", "FDPIPE_KERNEL_BACKEND": "torch"}
 TIMING = ("seconds", "tokens_per_s", "elapsed_s")
 
 
 def _prepare(work: Path) -> list[str]:
-    tiny_assets.build_tiny_lm(work / "tiny" / "lm")
-    tiny_assets.write_ratings_csv(work / "tiny" / "reviews.csv", n=300)
-    (work / "overlay.yaml").write_text(OVERLAY)
-    return ["-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile", str(TINY), str(work / "overlay.yaml"),
-            "--cores", "2", TARGET]
+    return snakemake_args(prepare(work), "--cores", "2", TARGET)
 
 
 def _recover(args) -> subprocess.CompletedProcess:
@@ -63,10 +52,13 @@ def _kill_when(args, state: Path, timeout: float = 300.0) -> None:
         proc.wait()
 
 
-def _outputs(work: Path) -> dict:
-    """Every output under results/: Parquet tables without timing columns, other files by digest."""
+def _outputs(work: Path, only=None) -> dict:
+    """Every output under results/ (or those named in `only`): Parquet tables without timing
+    columns, other files by digest."""
     out = {}
     for path in sorted((work / "results").rglob("*")):
+        if only is not None and str(path.relative_to(work)) not in only:
+            continue
         if not path.is_file() or path.name.startswith(".snakemake"):
             continue
         rel = str(path.relative_to(work))
@@ -90,21 +82,11 @@ def _assert_same_outputs(got: dict, expected: dict) -> None:
             assert got[name] == value, name
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    work = tmp_path_factory.mktemp("straight")
-    args = _prepare(work)
-    done = subprocess.run([sys.executable, "-m", "snakemake", *args], env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return _outputs(work)
-
-
 @pytest.mark.parametrize("stage, state, log", [
     ("sft", "results/sft/state.pt", "logs/sft/sft.log"),
     ("align", "results/align/rkl/state.pt", "logs/align/rkl.log"),
 ])
-def test_killed_run_recovers_to_the_uninterrupted_outputs(uninterrupted, tmp_path, stage, state, log):
+def test_killed_run_recovers_to_the_uninterrupted_outputs(finished_run, tmp_path, stage, state, log):
     args = _prepare(tmp_path)
     _kill_when(args, tmp_path / state)
     assert (tmp_path / state).exists()
@@ -117,7 +99,9 @@ def test_killed_run_recovers_to_the_uninterrupted_outputs(uninterrupted, tmp_pat
     assert "removing the lock a killed run left" in recovered.stderr
     assert "resumed" in (tmp_path / log).read_text()
     assert not (tmp_path / state).exists()
-    _assert_same_outputs(_outputs(tmp_path), uninterrupted)
+    recovered_outputs = _outputs(tmp_path)
+    assert {"results/sft/model/model.safetensors", TARGET} <= set(recovered_outputs)
+    _assert_same_outputs(recovered_outputs, _outputs(finished_run, only=set(recovered_outputs)))
 
 
 def test_recovery_refuses_while_snakemake_runs(tmp_path):

@@ -1,30 +1,12 @@
 """The whole Snakemake DAG on a tiny configuration, plus config validation and rerun rules."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 
 import tiny_assets
 from fdpipe.common.io import read_metadata
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "config" / "tiny.yaml"
-
-
-def snakemake(workdir, *args, configfile=TINY, check=True):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(configfile), *args]
-    env = {**os.environ, "TRITON_INTERPRET": "0", "FDPIPE_KERNEL_BACKEND": "torch"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}")
-    return out
+from tiny_dag import TINY, snakemake
 
 
 def planned_jobs(workdir, *args, configfile=TINY) -> dict[str, int]:
@@ -36,15 +18,6 @@ def planned_jobs(workdir, *args, configfile=TINY) -> dict[str, int]:
         if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("total", "job"):
             counts[parts[0]] = int(parts[1])
     return counts
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("dag")
-    tiny_assets.build_tiny_lm(work / "tiny" / "lm")
-    tiny_assets.write_ratings_csv(work / "tiny" / "reviews.csv", n=300)
-    snakemake(work, "--cores", "2")
-    return work
 
 
 def test_whole_dag_outputs(finished_run):
