@@ -18,6 +18,7 @@ include: "workflow/rules/reward.smk"
 include: "workflow/rules/align.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/readme.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/benchmark.smk"
 

@@ -103,3 +103,15 @@ def test_empty_dataset_stops_without_outputs(tmp_path):
     data_dir = tmp_path / "results" / "data"
     assert not data_dir.exists() or not any(data_dir.iterdir())
 
+
+
+def test_readme_tables_come_from_the_run(finished_run):
+    snakemake(finished_run, "--cores", "1", "results/report/readme_tables.md")
+    text = (finished_run / "results/report/readme_tables.md").read_text()
+    assert "Produced by commit `" in text and "CPU cores" in text
+    assert "| align rkl |" in text and "| sft |" in text and "**sum**" in text
+    summary = pd.read_parquet(finished_run / "results/report/summary.parquet")
+    gold = summary[(summary.policy == "js") & (summary.run == "js") & (summary.metric == "gold_mean")].iloc[0]
+    assert f"| js | {gold.value:.3f} [{gold.ci_low:.3f}, {gold.ci_high:.3f}]".replace("-", "−") in text
+    sft_loss = pd.read_parquet(finished_run / "results/sft/metrics.parquet").query("split == 'val' and metric == 'loss'")
+    assert f"to {sft_loss['value'].iloc[-1]:.3f}" in text
