@@ -33,7 +33,7 @@ import torch
 
 from . import reference
 from .backend import tl, triton, use_triton
-from .launch import as_rows, block_and_warps, row_flags, row_index, upstream, zero_row
+from .launch import Launch, as_rows, block_and_warps, row_flags, row_index, upstream, zero_row
 from .reference import TokenDivergences
 
 MAX_BLOCK = 2048  # two rows are streamed at once, so half the token_logprobs block
@@ -190,11 +190,13 @@ def token_divergences_forward(x, y, flags, temperature, out):
         return
     kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum = out.unbind(0)
     block, warps = block_and_warps(n_cols, MAX_BLOCK)
-    _token_divergences_forward_kernel[(n_rows,)](
-        x, x.stride(0), y, y.stride(0), flags,
-        kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum,
-        n_cols, temperature, BLOCK=block, num_warps=warps,
-    )
+    Launch(
+        _token_divergences_forward_kernel, (n_rows,),
+        (x, x.stride(0), y, y.stride(0), flags,
+         kl_xy, kl_yx, js, tv, c_x, ls_x, c_y, ls_y, kl_xm, sign_sum,
+         n_cols, temperature),
+        dict(BLOCK=block), warps,
+    )()
 
 
 def token_divergences_backward(x, y, flags, lse, kl_xy, kl_xm, sign_sum, g_kl_xy, g_kl_yx, g_js, g_tv,
@@ -207,13 +209,14 @@ def token_divergences_backward(x, y, flags, lse, kl_xy, kl_xm, sign_sum, g_kl_xy
     if n_rows == 0:
         return
     block, warps = block_and_warps(n_cols, MAX_BLOCK)
-    _token_divergences_backward_kernel[(n_rows,)](
-        x, x.stride(0), y, y.stride(0), flags,
-        lse[0], lse[1], lse[2], lse[3], kl_xy, kl_xm, sign_sum,
-        g_kl_xy, g_kl_yx, g_js, g_tv,
-        grad, grad.stride(0), n_cols, temperature,
-        BLOCK=block, num_warps=warps,
-    )
+    Launch(
+        _token_divergences_backward_kernel, (n_rows,),
+        (x, x.stride(0), y, y.stride(0), flags,
+         lse[0], lse[1], lse[2], lse[3], kl_xy, kl_xm, sign_sum,
+         g_kl_xy, g_kl_yx, g_js, g_tv,
+         grad, grad.stride(0), n_cols, temperature),
+        dict(BLOCK=block), warps,
+    )()
 
 
 class TokenDivergencesFunction(torch.autograd.Function):

@@ -19,7 +19,7 @@ import torch
 
 from . import reference
 from .backend import tl, triton, use_triton
-from .launch import as_rows, block_and_warps, row_index, upstream, zero_row
+from .launch import Launch, as_rows, block_and_warps, row_index, upstream, zero_row
 
 # Vocabulary block handled per loop step; rows longer than this are streamed.
 MAX_BLOCK = 4096
@@ -108,11 +108,12 @@ def token_logprobs_forward(logits, targets, temperature, ignore_index, with_entr
     if n_rows == 0:
         return
     block, warps = block_and_warps(n_cols, MAX_BLOCK)
-    _token_logprobs_forward_kernel[(n_rows,)](
-        logits, logits.stride(0), targets, logp, lse[0], lse[1], entropy if with_entropy else logp,
-        n_cols, ignore_index, temperature,
-        WITH_ENTROPY=with_entropy, BLOCK=block, num_warps=warps,
-    )
+    Launch(
+        _token_logprobs_forward_kernel, (n_rows,),
+        (logits, logits.stride(0), targets, logp, lse[0], lse[1], entropy if with_entropy else logp,
+         n_cols, ignore_index, temperature),
+        dict(WITH_ENTROPY=with_entropy, BLOCK=block), warps,
+    )()
 
 
 def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
@@ -122,12 +123,13 @@ def token_logprobs_backward(logits, targets, lse, entropy, grad_logp, grad_entro
     if n_rows == 0:
         return
     block, warps = block_and_warps(n_cols, MAX_BLOCK)
-    _token_logprobs_backward_kernel[(n_rows,)](
-        logits, logits.stride(0), targets, lse[0], lse[1], entropy if with_entropy else grad_logp,
-        grad_logp, grad_entropy if with_entropy else grad_logp,
-        grad_logits, grad_logits.stride(0), n_cols, ignore_index, temperature,
-        WITH_ENTROPY=with_entropy, BLOCK=block, num_warps=warps,
-    )
+    Launch(
+        _token_logprobs_backward_kernel, (n_rows,),
+        (logits, logits.stride(0), targets, lse[0], lse[1], entropy if with_entropy else grad_logp,
+         grad_logp, grad_entropy if with_entropy else grad_logp,
+         grad_logits, grad_logits.stride(0), n_cols, ignore_index, temperature),
+        dict(WITH_ENTROPY=with_entropy, BLOCK=block), warps,
+    )()
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
