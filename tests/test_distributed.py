@@ -46,16 +46,28 @@ SPACE = toy.ToySpace(num_content=3, num_prompts=2, max_length=3)
 SAMPLES_PER_PROMPT = 16
 
 
+# chi2 trains on a target over named features (two moments and a condition): their per-sample
+# values are pooled over the processes like every other per-sample quantity
+FEATURES = {"has_a": {"kind": "words", "words": ["a"]}, "long": {"kind": "regex", "pattern": r"^\S+ \S+"},
+            "good": {"kind": "reward", "threshold": 0.0}}
+FEATURE_TARGET = {"kind": "distributional",
+                  "features": {"has_a": {"moment": 0.5}, "long": {"moment": 0.6}, "good": {"epsilon": 0.2}}}
+
+
 def _problem(divergence: str):
-    target = Target(kind="rlhf", beta=1.0) if divergence != "fkl" else Target(kind="pointwise", threshold=0.0,
-                                                                              epsilon=0.05)
+    if divergence == "chi2":
+        target = Target.from_config(FEATURE_TARGET, definitions=FEATURES)
+    elif divergence == "fkl":
+        target = Target(kind="pointwise", threshold=0.0, epsilon=0.05)
+    else:
+        target = Target(kind="rlhf", beta=1.0)
     return toy.build_problem(SPACE, target, model_seed=3, reward_seed=4)
 
 
 def _aligner(problem, cfg, world=World()):
     prompts = PromptCycle(problem.prompt_keys(), problem.prompt_tokens(), 0)
     return Aligner(problem.policy, problem.base, problem.reward, problem.target, prompts, cfg,
-                   generator=torch.Generator().manual_seed(0), world=world)
+                   generator=torch.Generator().manual_seed(0), world=world, feature_fn=problem.features)
 
 
 def _global_samples(problem):
@@ -86,18 +98,32 @@ def _one_update(divergence, proposal, world):
     return grads, metrics, [p.detach().clone() for p in problem.policy.trainable_parameters()]
 
 
+def _fit_on_base_samples(world):
+    """λ of the feature target fitted by `prepare_target` on base samples drawn by `world`'s
+    processes (each its share of the prompts), and the fitting samples' features."""
+    target = Target.from_config(FEATURE_TARGET, definitions=FEATURES)
+    problem = toy.build_problem(SPACE, target, model_seed=3, reward_seed=4, fit_exactly=False)
+    cfg = AlignConfig(divergence="chi2", prompts_per_step=2, samples_per_prompt=16, fit_samples=64,
+                      fit_tolerance=1e-10)
+    aligner = _aligner(problem, cfg, world)
+    aligner.prepare_target()
+    return target.lam, aligner.lambda_fit.moment
+
+
 def _rank_main(rank, rendezvous, out, cases):
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        results = {case: _one_update(*case.split("/"), World(rank=rank, size=2)) for case in cases}
+        world = World(rank=rank, size=2)
+        results = {case: _one_update(*case.split("/"), world) for case in cases}
+        results["fit"] = world.gather_objects(_fit_on_base_samples(world))
         if rank == 0:
             torch.save(results, out)
     finally:
         torch.distributed.destroy_process_group()
 
 
-CASES = ["rkl/online", "fkl/online", "js/offline", "tv/online"]
+CASES = ["rkl/online", "fkl/online", "js/offline", "tv/online", "chi2/online"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +156,19 @@ def test_two_process_metrics_are_pooled_over_the_global_batch(two_process_update
         if name.startswith("time_") or name in ("step",):
             continue
         assert metrics_2[name] == pytest.approx(value, rel=1e-6, abs=1e-6, nan_ok=True), name
+
+
+def test_feature_metrics_are_pooled(two_process_updates):
+    _, metrics_2, _ = two_process_updates["chi2/online"]
+    assert {"feature_has_a", "feature_long", "feature_good", "lambda_has_a", "lambda_long"} <= set(metrics_2)
+
+
+def test_two_processes_fit_one_lambda_on_their_pooled_samples(two_process_updates):
+    """Both processes fit the same λ on the samples of both (each drew one prompt's), and it
+    reproduces the requested moments on those samples."""
+    (lam_0, moments_0), (lam_1, moments_1) = two_process_updates["fit"]
+    assert lam_0 == lam_1 and len(lam_0) == 2
+    assert moments_0 == pytest.approx((0.5, 0.6), abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- stages under torchrun

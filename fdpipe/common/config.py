@@ -34,6 +34,9 @@ def merged_run_config(alignment_cfg: dict, run: str) -> dict:
 
     This merged mapping is exactly what one align job reads, so it is also that job's
     Snakemake ``params``: changing a default reruns every run, changing one run reruns it alone.
+    A target written over features (``target.features``) brings the definitions of those
+    features from ``alignment.features`` under the key ``features``, so that changing a
+    feature reruns exactly the runs that use it.
     """
     runs = alignment_cfg.get("runs") or {}
     if run not in runs:
@@ -44,6 +47,11 @@ def merged_run_config(alignment_cfg: dict, run: str) -> dict:
             merged[key] = {**merged[key], **copy.deepcopy(value)}
         else:
             merged[key] = copy.deepcopy(value)
+    uses = (merged.get("target") or {}).get("features")
+    if isinstance(uses, dict) and uses:
+        # the definitions (alignment.features) of the features the run's target uses
+        registry = alignment_cfg.get("features") or {}
+        merged["features"] = {name: copy.deepcopy(registry[name]) for name in uses if name in registry}
     return merged
 
 
@@ -76,7 +84,10 @@ def validate_config(config: dict, schema_path) -> dict:
     """Validate `config` against the JSON schema at `schema_path`, filling in defaults.
 
     The first problem raises `ConfigError` with one line naming the key, e.g.
-    ``config key 'alignment.runs.rkl.lr': expected a value > 0, got -1``.
+    ``config key 'alignment.runs.rkl.lr': expected a value > 0, got -1``. After the schema,
+    the features of ``alignment.features`` and their uses in targets are checked
+    (`fdpipe.common.feature_specs.check_features`: regexes compile, callables import,
+    classifier folders exist, moments are in range).
     """
     import yaml
     from jsonschema import validators
@@ -95,6 +106,10 @@ def validate_config(config: dict, schema_path) -> dict:
             raise ConfigError(f"{prefix}{unknown[0]}" if unknown else key,
                               f"one of the known keys ({', '.join(sorted(known))})")
         raise ConfigError(key, _expected(err), err.instance)
+    if isinstance(config.get("alignment"), dict):
+        from fdpipe.common.feature_specs import check_features
+
+        check_features(config["alignment"])
     return config
 
 

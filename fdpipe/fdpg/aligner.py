@@ -6,7 +6,8 @@ a reward function, a `fdpipe.fdpg.targets.Target`, the estimators and the update
 
 1. draw ``samples_per_prompt`` completions for ``prompts_per_step`` prompts from the
    proposal ``q`` (the policy itself, or a frozen copy of it with ``proposal: offline``);
-2. score them: reward → ``log P = log a + log_potential``;
+2. score them: reward (and, for a target over features, the feature table ``φ`` ``[B, K]``,
+   computed once per sample) → ``log P = log a + log_potential``;
 3. training forward of the policy: ``log π_θ`` (and per-token entropy and KL to the base);
 4. ``log Ẑ(c)`` per prompt from the weights ``P/q`` (pooled over steps for repeated prompts);
 5. pseudo-rewards ``−f′(π_θ/p)``, baseline, surrogate loss, optimiser step;
@@ -36,7 +37,7 @@ import fdpipe_kernels
 from fdpipe.common.errors import ConfigError
 from fdpipe.fdpg import divergences, estimators, update
 from fdpipe.fdpg.metrics import pool, step_metrics
-from fdpipe.fdpg.targets import Target, fit_lambda
+from fdpipe.fdpg.targets import Target
 from fdpipe.models.policy import CausalPolicy, Samples
 from fdpipe.training import checkpoint, guards, optim
 from fdpipe.training.distributed import World
@@ -112,6 +113,8 @@ class Aligner:
         base: the frozen base ``a`` (the SFT model).
         reward_fn: ``Samples → tensor [B]`` of rewards (proxy reward model, or a table).
         target: the target EBM; a distributional target is fitted on first use.
+        feature_fn: ``(Samples, rewards) → tensor [B, K]`` of the target's features (columns in
+            ``target.feature_names`` order); required when the target is written over features.
         prompts: a `PromptCycle` (or anything with ``next_batch(n)``).
         cfg: `AlignConfig`.
         generator: torch generator for sampling (on the policy's device).
@@ -121,12 +124,15 @@ class Aligner:
     """
 
     def __init__(self, policy: CausalPolicy, base: CausalPolicy, reward_fn, target: Target, prompts,
-                 cfg: AlignConfig, *, generator: torch.Generator, gold_fn=None, world: World = World(),
-                 state_path=None):
+                 cfg: AlignConfig, *, generator: torch.Generator, gold_fn=None, feature_fn=None,
+                 world: World = World(), state_path=None):
         if cfg.prompts_per_step < world.size:
             raise ConfigError("prompts_per_step", f"at least the number of processes ({world.size})",
                               cfg.prompts_per_step)
+        if target.over_features and feature_fn is None:
+            raise ValueError(f"the target {target.describe()} is written over features: give a feature_fn")
         self.policy, self.base, self.reward_fn, self.target = policy, base, reward_fn, target
+        self.feature_fn = feature_fn
         self.prompts, self.cfg, self.generator, self.gold_fn = prompts, cfg, generator, gold_fn
         self.world = world
         self.state_path = state_path   # the stage's resume state, named in errors
@@ -151,28 +157,35 @@ class Aligner:
         The target is conditional, so the matched moment is the average over prompts of
         ``E_{p(·|c)}[φ]``: weights are normalised within each prompt (samples of a prompt drawn
         in several batches are pooled by prompt key). Pooling all prompts together would instead
-        weight each prompt by its ``Z(c)``.
+        weight each prompt by its ``Z(c)``. Data-parallel, each process samples its share of the
+        prompts and the fit runs on the samples of every process. A moment the samples cannot
+        reach stops here with a `ConfigError` naming it.
         """
         if self.target.kind != "distributional" or self.target.lam is not None:
             return
-        cfg, world = self.cfg, self.world
-        phis, groups, group_of_key = [], [], {}
+        cfg, world, target = self.cfg, self.world, self.target
+        rewards, phis, groups, group_of_key = [], [], [], {}
         remaining = cfg.fit_samples
         while remaining > 0:
             n_prompts = min(cfg.prompts_per_step, math.ceil(remaining / cfg.samples_per_prompt))
             keys, tokens = (world.shard(part) for part in self.prompts.next_batch(n_prompts))
-            phi, sample_keys = torch.zeros(0, dtype=torch.float64, device=self.policy.device), []
+            reward = torch.zeros(0, dtype=torch.float64, device=self.policy.device)
+            phi, sample_keys = torch.zeros((0, len(target.features)), dtype=torch.float64, device=reward.device), []
             if keys:
                 samples = self.base.sample(tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
-                phi, sample_keys = self.target.constraint(self.reward_fn(samples).double()), samples.prompt_keys
-            phis.append(world.gather(phi))
+                reward, sample_keys = self.reward_fn(samples).double(), samples.prompt_keys
+                if target.over_features:
+                    phi = self.feature_fn(samples, reward).double().to(reward.device)
+            rewards.append(world.gather(reward))
+            if target.over_features:
+                phis.append(world.gather(phi))
             sample_keys = [k for part in world.gather_objects(list(sample_keys)) for k in part]
             groups.append(torch.tensor([group_of_key.setdefault(k, len(group_of_key)) for k in sample_keys]))
             remaining -= len(sample_keys)
-        phi = torch.cat(phis)
-        self.lambda_fit = fit_lambda(phi, torch.zeros_like(phi), self.target.moment,
-                                     group=torch.cat(groups).to(phi.device), tol=cfg.fit_tolerance)
-        self.target.lam = self.lambda_fit.lam
+        reward = torch.cat(rewards)
+        phi = torch.cat(phis) if target.over_features else None
+        self.lambda_fit = target.fit(reward, phi, torch.zeros_like(reward), group=torch.cat(groups).to(reward.device),
+                                     tol=cfg.fit_tolerance, what=f"{len(reward)} fitting samples of the base")
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
@@ -198,7 +211,12 @@ class Aligner:
         with torch.no_grad():
             base_out = self.base.score(samples, keep_logits=cfg.token_kl)
         log_a = base_out.logprobs.double()
-        log_target = log_a + self.target.log_potential(reward).to(log_a.device)
+        phi = None
+        if self.target.over_features:
+            phi = self.feature_fn(samples, reward).double().to(reward.device)
+            log_target = log_a + self.target.log_potential(reward, phi).to(log_a.device)
+        else:
+            log_target = log_a + self.target.log_potential(reward).to(log_a.device)
         t_scored = time.perf_counter()
 
         policy.model.train()
@@ -217,6 +235,8 @@ class Aligner:
             values["kl_tokens"] = tok_div.kl_pi_ref.double().sum(-1)
         if self.gold_fn is not None:
             values["gold"] = self.gold_fn(samples).double().to(log_pi_d.device)
+        if phi is not None:
+            values["phi"] = phi
         totals = {"entropy": scores.entropy.detach().sum(), "tokens": samples.completion_mask[:, 1:].sum()}
         batch = pool(world, samples, values, totals)
         v, group, n_groups = batch.values, batch.group, batch.num_groups
@@ -238,7 +258,8 @@ class Aligner:
 
         batch.totals["loss"] = world.sum(loss.detach())
         metrics = step_metrics(batch, divergence=cfg.divergence, log_z=log_z, rewards=rewards, grad_norm=grad_norm,
-                               constraint=self.target.constraint, lam=self.target.lam, on_policy=on_policy)
+                               constraint=self.target.constraint(v["reward"], v.get("phi")), target=self.target,
+                               on_policy=on_policy)
         replaced = 0.0
         if not on_policy:
             replaced = float(self._maybe_replace_proposal(v["log_pi"], v["log_target"], v["log_q"], group, n_groups))

@@ -32,17 +32,25 @@ STEP_METRICS = {
                       "(NaN when token_kl is off)",
     "reward_mean": "mean proxy reward of the policy's samples",
     "gold_mean": "mean gold reward of the policy's samples (when a gold scorer is given)",
-    "constraint": "E_π[b] (pointwise), E_π[φ] (distributional) or E_π[r] (rlhf)",
+    "constraint": "E_π[b] (pointwise), E_π[φ] (distributional) or E_π[r] (rlhf); over features: E_π[Π_k b_k] "
+                  "(pointwise: every condition met), E_π[r] (rlhf), NaN (distributional: see feature_<name>)",
     "entropy_per_token": "mean per-token entropy of π on its completions",
     "completion_length": "mean completion length in tokens",
     "logprob_gap": "largest |log π at sampling − log π in the training forward| (on-policy only)",
     "grad_norm": "gradient norm before clipping",
-    "lambda": "λ of a distributional target",
+    "lambda": "λ of a distributional target over the reward (NaN otherwise: see lambda_<name>)",
     "proposal_replaced": "1 when the offline proposal was replaced by the policy at this step",
     "time_sample_s": "seconds spent sampling",
     "time_score_s": "seconds spent computing rewards and base log-probabilities",
     "time_train_s": "seconds spent in the policy forward, backward and optimiser step",
     "time_step_s": "seconds for the whole step",
+}
+
+# Columns of a run whose target is written over features, one per feature (after `lambda`).
+FEATURE_METRICS = {
+    "feature_<name>": "E_π[φ_name]: mean of the feature over the policy's samples (importance-weighted as the other "
+                      "means); one column per feature of the target",
+    "lambda_<name>": "λ_name of a distributional target over features, one column per feature with a moment",
 }
 
 
@@ -77,11 +85,13 @@ def pool(world: World, samples, values: dict, totals: dict) -> PooledBatch:
 
 
 def step_metrics(batch: PooledBatch, *, divergence: str, log_z, rewards, grad_norm, constraint,
-                 lam, on_policy: bool) -> dict:
-    """The step's metrics (see `STEP_METRICS`) from the pooled batch.
+                 target, on_policy: bool) -> dict:
+    """The step's metrics (see `STEP_METRICS` and `FEATURE_METRICS`) from the pooled batch.
 
     `batch.values` holds log_pi, log_a, log_target, log_q, reward, sample_logprobs, length and,
-    when recorded, kl_tokens and gold; `batch.totals` holds loss, entropy and tokens.
+    when recorded, kl_tokens, gold and phi (the target's features, ``[N, K]``); `batch.totals`
+    holds loss, entropy and tokens. `constraint` is the per-sample value of the target's
+    constraint (`fdpipe.fdpg.targets.Target.constraint`) and `target` the run's target.
     """
     v, group, n_groups = batch.values, batch.group, batch.num_groups
     log_pi, log_q = v["log_pi"], v["log_q"]
@@ -102,13 +112,19 @@ def step_metrics(batch: PooledBatch, *, divergence: str, log_z, rewards, grad_no
         "kl_pi_a": float((w_norm * (log_pi - v["log_a"])).mean()),
         "kl_pi_a_tokens": kl_tokens,
         "reward_mean": float((w_norm * v["reward"]).mean()),
-        "constraint": float((w_norm * constraint(v["reward"])).mean()),
+        "constraint": float((w_norm * constraint).mean()),
         "entropy_per_token": float(batch.totals["entropy"] / batch.totals["tokens"].clamp(min=1)),
         "completion_length": float(v["length"].mean()),
         "logprob_gap": float(gap),
         "grad_norm": float(grad_norm),
-        "lambda": float(lam) if lam is not None else math.nan,
+        "lambda": float(target.lam) if target.lam is not None and not target.over_features else math.nan,
     }
+    if "phi" in v:
+        for k, name in enumerate(target.feature_names):
+            out[f"feature_{name}"] = float((w_norm * v["phi"][:, k]).mean())
+        lambdas = target.lambdas()
+        for use in target.moment_uses:
+            out[f"lambda_{use.name}"] = float(lambdas.get(use.name, math.nan))
     if "gold" in v:
         out["gold_mean"] = float((w_norm.cpu() * v["gold"].cpu()).mean())
     return out

@@ -15,6 +15,12 @@ constraint moments and (by autograd over the enumeration) the exact gradient of
 ``D_f(π‖p)``. `ToyProblem` bundles a space, a base, a policy, a reward table and a target
 — everything the `Aligner` needs — and `build_problem` makes one from a few numbers.
 
+Completions have texts too: content token ``k`` reads as the ``k``-th letter and a completion
+is its letters separated by spaces (``"a c b"``; the whole text starts with ``p<c>:``), so
+targets over named features (regex, word lists, reward thresholds) are computed by the same
+`fdpipe.fdpg.features.FeatureScorer` as on the language model, once for the whole space
+(`FeatureTable`).
+
 Exact values are averages over prompts (uniform), like the sampled estimates of
 `fdpipe.fdpg.estimators`, which average per-prompt estimates.
 """
@@ -30,8 +36,9 @@ import torch
 from torch import nn
 
 from fdpipe.fdpg import divergences
+from fdpipe.fdpg.features import FeatureScorer
 from fdpipe.models.policy import CausalPolicy, Samples
-from fdpipe.fdpg.targets import LambdaFit, Target, fit_lambda
+from fdpipe.fdpg.targets import LambdaFit, Target
 
 EOS = 0
 
@@ -93,7 +100,9 @@ class ToyExact:
 
     ``divergences`` maps every generator name to ``D_f(π‖p)``; ``constraint`` is
     ``E_π[φ]`` (``E_π[b]`` for pointwise, ``E_π[r]`` for rlhf) and ``constraint_target`` the
-    same expectation under ``p``; entropies are of whole completions, in nats.
+    same expectation under ``p``; entropies are of whole completions, in nats. For a target
+    over features, ``features`` and ``features_target`` map each feature name to ``E_π[φ_k]``
+    and ``E_p[φ_k]``.
     """
 
     log_pi: torch.Tensor          # [C, S] log π(x|c)
@@ -109,6 +118,8 @@ class ToyExact:
     reward_mean: float
     entropy: float
     entropy_target: float
+    features: dict = field(default_factory=dict)
+    features_target: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +147,10 @@ class ToySpace:
     def make_model(self, *, init_scale: float = 1.0, eos_bias: float = 0.0, seed: int = 0) -> TabularLM:
         return TabularLM(self.num_content, self.num_prompts, self.max_length, init_scale=init_scale,
                          eos_bias=eos_bias, seed=seed)
+
+    def completion_texts(self) -> list[str]:
+        """The text of every completion (`sequences` order): its letters, space-separated."""
+        return [" ".join(chr(ord("a") + x - 1) for x in seq) for seq in self.sequences]
 
     def prompt_tokens(self, model: TabularLM) -> list[list[int]]:
         return [[model.prompt_token(c)] for c in range(self.num_prompts)]
@@ -188,8 +203,12 @@ class ToySpace:
             out = policy.score(self.all_samples(policy.model)).logprobs
         return out.double().reshape(self.num_prompts, self.size)
 
-    def log_target(self, log_a: torch.Tensor, reward: torch.Tensor, target: Target) -> torch.Tensor:
-        """Unnormalised ``log P(x|c)`` for every completion."""
+    def log_target(self, log_a: torch.Tensor, reward: torch.Tensor, target: Target,
+                   phi: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised ``log P(x|c)`` for every completion (`phi` ``[C, S, K]`` over features)."""
+        if target.over_features:
+            flat = target.log_potential(reward.double().reshape(-1), phi.reshape(-1, phi.shape[-1]))
+            return log_a + flat.reshape(log_a.shape)
         return log_a + target.log_potential(reward.double())
 
     @staticmethod
@@ -218,28 +237,35 @@ class ToySpace:
         """Exact ``E_c H(π(·|c))`` over whole completions, in nats."""
         return -(torch.exp(log_pi) * log_pi).sum(-1).mean()
 
-    def fit_lambda(self, target: Target, log_a: torch.Tensor, reward: torch.Tensor, *, tol: float = 1e-8) -> LambdaFit:
-        """Fit λ of a distributional target exactly: ``E_c E_{p_λ(·|c)}[φ] = moment``.
+    def fit_lambda(self, target: Target, log_a: torch.Tensor, reward: torch.Tensor, *, tol: float = 1e-8,
+                   phi: torch.Tensor | None = None) -> LambdaFit:
+        """Fit λ of a distributional target exactly: ``E_c E_{p_λ(·|c)}[φ_k] = moment_k``.
 
-        Uses `fdpipe.fdpg.targets.fit_lambda` on the whole enumeration with weights ``a(x|c)`` and
-        one group per prompt; sets ``target.lam``.
+        `fdpipe.fdpg.targets.Target.fit` on the whole enumeration with weights ``a(x|c)`` and
+        one group per prompt (`phi` ``[C, S, K]`` for a target over features); sets ``target.lam``.
         """
-        phi = target.constraint(reward.double())
         group = torch.arange(self.num_prompts).repeat_interleave(self.size)
-        fit = fit_lambda(phi.reshape(-1), log_a.reshape(-1), target.moment, group=group, tol=tol)
-        target.lam = fit.lam
-        return fit
+        flat_phi = phi.reshape(-1, phi.shape[-1]) if phi is not None else None
+        return target.fit(reward.double().reshape(-1), flat_phi, log_a.reshape(-1), group=group, tol=tol,
+                          what="enumeration")
 
-    def exact(self, policy: CausalPolicy, base: CausalPolicy, reward: torch.Tensor, target: Target) -> ToyExact:
-        """Every exact quantity of `policy` against the target built from `base` and `reward`."""
+    def exact(self, policy: CausalPolicy, base: CausalPolicy, reward: torch.Tensor, target: Target,
+              features: torch.Tensor | None = None) -> ToyExact:
+        """Every exact quantity of `policy` against the target built from `base`, `reward` and the
+        feature table `features` ``[C, S, K]`` (for a target over features)."""
         log_pi, log_a = self.log_probs(policy), self.log_probs(base)
-        return self.exact_from_log_probs(log_pi, log_a, reward, target)
+        return self.exact_from_log_probs(log_pi, log_a, reward, target, features)
 
     def exact_from_log_probs(self, log_pi: torch.Tensor, log_a: torch.Tensor, reward: torch.Tensor,
-                             target: Target) -> ToyExact:
-        log_target = self.log_target(log_a, reward, target)
+                             target: Target, features: torch.Tensor | None = None) -> ToyExact:
+        log_target = self.log_target(log_a, reward, target, features)
         log_p, log_z = self.normalise(log_target)
-        phi = target.constraint(reward.double())
+        if target.over_features:
+            flat = features.reshape(-1, features.shape[-1])
+            phi = target.constraint(reward.double().reshape(-1), flat).reshape(log_a.shape)
+            per_feature = {name: features[..., k] for k, name in enumerate(target.feature_names)}
+        else:
+            phi, per_feature = target.constraint(reward.double()), {}
         return ToyExact(
             log_pi=log_pi, log_a=log_a, log_target=log_target, log_z=log_z, log_p=log_p,
             divergences={name: float(self.divergence(name, log_pi, log_p)) for name in divergences.NAMES},
@@ -247,6 +273,8 @@ class ToySpace:
             constraint=float(self.expectation(log_pi, phi)), constraint_target=float(self.expectation(log_p, phi)),
             reward_mean=float(self.expectation(log_pi, reward)),
             entropy=float(self.entropy(log_pi)), entropy_target=float(self.entropy(log_p)),
+            features={n: float(self.expectation(log_pi, v)) for n, v in per_feature.items()},
+            features_target={n: float(self.expectation(log_p, v)) for n, v in per_feature.items()},
         )
 
     def divergence_gradient(self, name: str, policy: CausalPolicy, log_p: torch.Tensor) -> torch.Tensor:
@@ -279,9 +307,31 @@ class RewardTable:
         return reward.to(samples.input_ids.device)
 
 
+class FeatureTable:
+    """The features of a target for every (prompt, completion), computed once by the
+    `FeatureScorer` on the space's texts; callable on `Samples` like the `Aligner` wants.
+
+    ``values[c, i, k]`` is feature k of completion ``space.sequences[i]`` after prompt ``c``
+    (a reward feature reads `reward`'s table).
+    """
+
+    def __init__(self, space: ToySpace, specs, reward: RewardTable):
+        self.space = space
+        completions = space.completion_texts()
+        scorer = FeatureScorer(specs)
+        tables = [scorer.values(texts=[f"p{c}: {t}" for t in completions], completions=completions,
+                                reward=reward.values[c]) for c in range(space.num_prompts)]
+        self.values = torch.stack(tables)                       # [C, S, K] float64
+
+    def __call__(self, samples: Samples, reward=None) -> torch.Tensor:
+        phi = self.values[self.space.prompt_index(samples), self.space.sequence_index(samples)]
+        return phi.to(samples.input_ids.device)
+
+
 @dataclass
 class ToyProblem:
-    """A base ``a``, a trainable policy ``π_θ`` (a copy of ``a``), a reward table and a target."""
+    """A base ``a``, a trainable policy ``π_θ`` (a copy of ``a``), a reward table, a target and,
+    for a target over features, their table."""
 
     space: ToySpace
     base: CausalPolicy
@@ -289,6 +339,7 @@ class ToyProblem:
     reward: RewardTable
     target: Target
     lambda_fit: LambdaFit | None = field(default=None)
+    features: FeatureTable | None = field(default=None)
 
     def prompt_keys(self) -> list[int]:
         return list(range(self.space.num_prompts))
@@ -298,7 +349,8 @@ class ToyProblem:
 
     def exact(self, policy: CausalPolicy | None = None) -> ToyExact:
         """Exact quantities of `policy` (default: the trained policy) against the target."""
-        return self.space.exact(self.policy if policy is None else policy, self.base, self.reward.values, self.target)
+        return self.space.exact(self.policy if policy is None else policy, self.base, self.reward.values, self.target,
+                                None if self.features is None else self.features.values)
 
 
 def build_problem(space: ToySpace, target: Target, *, model_seed: int = 0, reward_seed: int = 0,
@@ -313,7 +365,9 @@ def build_problem(space: ToySpace, target: Target, *, model_seed: int = 0, rewar
     policy_model = copy.deepcopy(base_model).requires_grad_(True)
     base, policy = make_policy(base_model), make_policy(policy_model)
     reward = RewardTable(space, seed=reward_seed)
-    problem = ToyProblem(space=space, base=base, policy=policy, reward=reward, target=target)
+    features = FeatureTable(space, target.feature_specs, reward) if target.over_features else None
+    problem = ToyProblem(space=space, base=base, policy=policy, reward=reward, target=target, features=features)
     if target.kind == "distributional" and target.lam is None and fit_exactly:
-        problem.lambda_fit = space.fit_lambda(target, space.log_probs(base), reward.values)
+        problem.lambda_fit = space.fit_lambda(target, space.log_probs(base), reward.values,
+                                              phi=None if features is None else features.values)
     return problem

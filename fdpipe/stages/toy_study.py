@@ -126,7 +126,7 @@ def make_aligner(problem: ToyProblem, cfg: AlignConfig, seed: int) -> Aligner:
     """The alignment stage's `Aligner` over a toy problem (seeded prompt order and sampling)."""
     prompts = PromptCycle(problem.prompt_keys(), problem.prompt_tokens(), seed)
     return Aligner(problem.policy, problem.base, problem.reward, problem.target, prompts, cfg,
-                   generator=torch.Generator().manual_seed(seed))
+                   generator=torch.Generator().manual_seed(seed), feature_fn=problem.features)
 
 
 def linear_decay(aligner: Aligner, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -163,7 +163,11 @@ def train_run(problem: ToyProblem, cfg: AlignConfig, seed: int, *, eval_every: i
             "reward_mean": ex.reward_mean, "entropy": ex.entropy, "entropy_target": ex.entropy_target,
             "log_z_exact": float(ex.log_z.mean()), "log_z_estimate": last.get("log_z", math.nan),
             "objective_estimate": last.get("objective", math.nan),
-            "lambda": problem.target.lam if problem.target.lam is not None else math.nan,
+            "lambda": problem.target.lam if problem.target.lam is not None and not problem.target.over_features
+            else math.nan,
+            # a target over features: each feature's exact E_π[φ] and E_p[φ]
+            **{f"feature_{name}": value for name, value in ex.features.items()},
+            **{f"feature_{name}_target": value for name, value in ex.features_target.items()},
         })
     return pd.DataFrame(rows)
 
