@@ -1,6 +1,6 @@
-"""Pictures beside the report tables: the reward–KL frontier and training curves.
+"""Pictures beside the report tables: the reward–KL frontier, training curves and features.
 
-Both functions take the tidy tables of `fdpipe.stages.report` and save one figure as PNG and SVG
+Each function takes the tidy tables of `fdpipe.stages.report` and saves one figure as PNG and SVG
 (matplotlib's Agg backend, no display needed), each written atomically.
 """
 from __future__ import annotations
@@ -145,5 +145,80 @@ def curves(long: pd.DataFrame, png_path, svg_path, *, metrics=("reward_mean", "g
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
                    bbox_to_anchor=(0.5, -0.02 - 0.03 * math.ceil(len(labels) / 4)))
     fig.suptitle("Training curves per run")
+    fig.tight_layout()
+    save_figure(fig, png_path, svg_path, dpi)
+
+
+def _requested(rows: pd.DataFrame) -> float:
+    """The requested moment of a feature's rows (NaN when there is none)."""
+    if "requested" not in rows.columns or rows.empty:
+        return math.nan
+    values = rows["requested"].dropna()
+    return float(values.iloc[0]) if len(values) else math.nan
+
+
+def features(summary: pd.DataFrame, long: pd.DataFrame, png_path, svg_path, *, smoothing: int = 1,
+             dpi: int = 150) -> None:
+    """Every feature of the targets written over features (summary rows ``feature_<name>``).
+
+    Top row, one panel per feature: ``E[φ]`` on held-out prompts for the SFT model (black
+    star) and for each run whose target uses the feature (coloured by divergence), with their
+    intervals; a red bar marks the moment the run requested (none for a pointwise condition).
+    Bottom row: the feature's mean over each run's training samples per step, the requested
+    moment dashed. Without any feature, one panel says so.
+    """
+    plt = _pyplot()
+    rows = summary[summary["metric"].astype(str).str.startswith("feature_")]
+    names = sorted(set(rows["metric"].astype(str).str[len("feature_"):]))
+    if not names:
+        fig, ax = plt.subplots(figsize=(5.2, 2.0))
+        ax.text(0.5, 0.5, "no run's target is written over features", ha="center", va="center", color="gray")
+        ax.set_axis_off()
+        save_figure(fig, png_path, svg_path, dpi)
+        return
+    fig, axes = plt.subplots(2, len(names), figsize=(4.8 * len(names), 7.6), squeeze=False)
+    for j, name in enumerate(names):
+        metric = f"feature_{name}"
+        sel = rows[rows["metric"] == metric]
+        runs = sorted(set(sel["run"]) - {"sft"})
+        ax = axes[0][j]
+        sft = sel[sel["policy"] == "sft"]
+        if not sft.empty:
+            y, low, high = _point(sft, metric)
+            ax.errorbar([0], [y], yerr=[[low], [high]], fmt="*", color="black", markersize=12, capsize=3)
+        marked = False
+        for i, run in enumerate(runs, start=1):
+            own = sel[(sel["policy"] == run) & (sel["run"] == run)]
+            y, low, high = _point(own, metric)
+            divergence = own["divergence"].dropna().iloc[0] if own["divergence"].notna().any() else None
+            ax.errorbar([i], [y], yerr=[[low], [high]], fmt="o", color=color_of(divergence), capsize=3)
+            requested = _requested(own)
+            if math.isfinite(requested):
+                ax.plot([i - 0.3, i + 0.3], [requested, requested], color="red", linewidth=2.2,
+                        label=None if marked else "requested")
+                marked = True
+        ax.set_xticks(range(len(runs) + 1))
+        ax.set_xticklabels(["SFT"] + runs, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(runs) + 0.6)
+        ax.set_title(f"E[{name}] on held-out prompts", fontsize=10)
+        ax.grid(alpha=0.3)
+        if marked:
+            ax.legend(fontsize=8)
+        ax = axes[1][j]
+        for run, table in long[long["metric"] == metric].groupby("run", sort=True):
+            table = table.sort_values("step")
+            color = color_of(table["divergence"].iloc[0])
+            values = table["value"].rolling(smoothing, center=True, min_periods=1).mean() if smoothing > 1 \
+                else table["value"]
+            ax.plot(table["step"], values, color=color, linewidth=1.5, label=run)
+            requested = _requested(sel[(sel["policy"] == run) & (sel["run"] == run)])
+            if math.isfinite(requested):
+                ax.axhline(requested, color=color, linestyle="--", linewidth=1)
+        ax.set_title(f"E_π[{name}] while training (dashed: requested)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("Features of the targets: E[φ] per policy (intervals) and during training")
     fig.tight_layout()
     save_figure(fig, png_path, svg_path, dpi)

@@ -38,6 +38,16 @@ SUMMARY_COLUMNS = {
 }
 
 
+# Columns of a summary that has feature rows (metric `feature_<name>`), after those above.
+FEATURE_SUMMARY_COLUMNS = {
+    "requested": "requested moment E_p[φ] of a `feature_<name>` row whose feature has a moment in the run's "
+                 "distributional target (null on every other row); present only in tables with feature rows",
+}
+
+# A column of samples.parquet per feature of an aligned run's target (after those above).
+FEATURE_SAMPLE_COLUMN = "feature value φ_{name}(x) of the sample (1/0 for a binary feature)"
+
+
 def summary_row(policy, run, divergence, target, metric, value, low=math.nan, high=math.nan, n=0) -> dict:
     """One row of a summary table (see SUMMARY_COLUMNS); NaN bounds where there is no interval."""
     return {"policy": policy, "run": run, "divergence": divergence, "target": target, "metric": metric,
@@ -45,9 +55,19 @@ def summary_row(policy, run, divergence, target, metric, value, low=math.nan, hi
 
 
 def summary_frame(rows: list[dict]) -> pd.DataFrame:
-    """Summary rows as a frame with the columns and dtypes of SUMMARY_COLUMNS."""
-    df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    """Summary rows as a frame with the columns and dtypes of SUMMARY_COLUMNS (and
+    FEATURE_SUMMARY_COLUMNS when a row has them)."""
+    extra = [c for c in FEATURE_SUMMARY_COLUMNS if any(c in row for row in rows)]
+    df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS) + extra)
     for col in ("policy", "run", "divergence", "target", "metric"):
         df[col] = df[col].astype("string")
     df["n"] = df["n"].astype("int64")
+    for col in extra:
+        df[col] = df[col].astype("float64")
     return df
+
+
+def summary_columns(frame: pd.DataFrame) -> dict:
+    """Descriptions of the columns of a summary table (what its metadata's ``columns`` holds)."""
+    described = {**SUMMARY_COLUMNS, **FEATURE_SUMMARY_COLUMNS}
+    return {c: described[c] for c in frame.columns if c in described}

@@ -5,9 +5,15 @@ the trained reward model (standardised with the mean and std of its held-out sco
 run's ``beta`` or ``threshold`` is in units of reward standard deviations); the gold reward
 (VADER compound) is only reported. The loop itself is `fdpipe.fdpg.aligner.Aligner`.
 
+A target written over named features (``target.features``, defined in ``alignment.features``
+and brought into the run's config under ``features`` by
+`fdpipe.common.config.merged_run_config`) has them computed once per sample by a
+`fdpipe.fdpg.features.FeatureScorer` on the decoded texts.
+
 Outputs: ``model/`` (HF ``save_pretrained``), ``metrics.parquet`` (one row per step, the
-columns of `fdpipe.fdpg.metrics.STEP_METRICS`) and ``target.json`` (the target with its fitted
-λ). Resumable state (the policy's trainable parameters, optimiser, Z estimates, RNG, metrics
+columns of `fdpipe.fdpg.metrics.STEP_METRICS`, plus `fdpipe.fdpg.metrics.FEATURE_METRICS` for a
+target over features) and ``target.json`` (the target with its fitted λ and, over features,
+their definitions). Resumable state (the policy's trainable parameters, optimiser, Z estimates, RNG, metrics
 so far; `fdpipe.training.checkpoint`) is kept in ``state_path`` beside the outputs and
 removed after a successful run.
 """
@@ -26,6 +32,7 @@ from fdpipe.common.errors import ConfigError
 from fdpipe.common.io import atomic_path, provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import seed_everything, set_threads
 from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
+from fdpipe.fdpg.features import FeatureScorer
 from fdpipe.fdpg.targets import Target
 from fdpipe.models import causal_lm, gold
 from fdpipe.models.policy import CausalPolicy
@@ -56,7 +63,7 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     """
     key = f"alignment.runs.{run_name}"
     cfg = AlignConfig.from_config(run_cfg, key)
-    Target.from_config(run_cfg.get("target") or {}, key=f"{key}.target")
+    _target(run_cfg, key)
     distributed.check_processes(processes, f"{key}.processes")
     if cfg.prompts_per_step < processes:
         raise ConfigError(f"{key}.prompts_per_step", f"at least {key}.processes ({processes})", cfg.prompts_per_step)
@@ -72,11 +79,31 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
                       out_target, state_path, world, dev)
 
 
+def _target(run_cfg: dict, key: str) -> Target:
+    """The run's target; the definitions of its features are the run config's ``features``."""
+    return Target.from_config(run_cfg.get("target") or {}, key=f"{key}.target", definitions=run_cfg.get("features"))
+
+
+def _target_info(target: Target, fit) -> dict:
+    """What ``target.json`` holds: everything the evaluation needs to rebuild the target."""
+    if target.over_features:
+        info = {**target.to_config(), "reward_normalized": True}
+        if fit is not None:
+            names = [use.name for use in target.moment_uses]
+            info["lambda_fit"] = {"moments": dict(zip(names, fit.moment)), "error": fit.error}
+        return info
+    info = {"kind": target.kind, "beta": target.beta, "threshold": target.threshold, "epsilon": target.epsilon,
+            "feature": target.feature, "moment": target.moment, "lambda": target.lam, "reward_normalized": True}
+    if fit is not None:
+        info["lambda_fit"] = {"moment": fit.moment, "error": fit.error}
+    return info
+
+
 def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_model, out_metrics, out_target,
            state_path, world: World, dev) -> pd.DataFrame:
     key = f"alignment.runs.{run_name}"
     cfg = AlignConfig.from_config(run_cfg, key)
-    target = Target.from_config(run_cfg.get("target") or {}, key=f"{key}.target")
+    target = _target(run_cfg, key)
     max_new_tokens = int(run_cfg.get("max_new_tokens", 24))
     train_layers = int(run_cfg.get("train_layers", -1))
     checkpoint_every = int(run_cfg.get("checkpoint_every", 10))
@@ -98,11 +125,14 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     scorer = RewardModel.load(reward_model, dev, normalize=True)
     reward_fn = lambda samples: scorer.score(samples.texts).to(dev)
     gold_fn = lambda samples: torch.from_numpy(gold.gold_reward(samples.texts))
+    # features are read once per sample, from the decoded texts (classifiers and callables load here)
+    feature_fn = FeatureScorer(target.feature_specs, device=dev) if target.over_features else None
     keys, tokens = _prompt_tokens(tokenizer, prompts_path)
     # every process draws from its own stream; a single process uses the seed itself
     generator = torch.Generator(device=dev).manual_seed(seed + RANK_SEED_STRIDE * world.rank)
     aligner = Aligner(policy, base, reward_fn, target, PromptCycle(keys, tokens, seed), cfg,
-                      generator=generator, gold_fn=gold_fn, world=world, state_path=state_path)
+                      generator=generator, gold_fn=gold_fn, feature_fn=feature_fn, world=world,
+                      state_path=state_path)
 
     rows: list[dict] = []
     state = checkpoint.load_state(state_path, fingerprint)
@@ -135,11 +165,7 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     frame.insert(2, "target", target.describe())
     if world.is_main:
         meta = provenance({"run": run_name, **run_cfg}, seed, stage="align", processes=world.size)
-        target_info = {"kind": target.kind, "beta": target.beta, "threshold": target.threshold,
-                       "epsilon": target.epsilon, "feature": target.feature, "moment": target.moment,
-                       "lambda": target.lam, "reward_normalized": True}
-        if aligner.lambda_fit is not None:
-            target_info["lambda_fit"] = {"moment": aligner.lambda_fit.moment, "error": aligner.lambda_fit.error}
+        target_info = _target_info(target, aligner.lambda_fit)
         causal_lm.save_causal_lm(policy_model, tokenizer, out_model)
         write_parquet(frame, out_metrics, meta)
         with atomic_path(out_target) as tmp:

@@ -22,6 +22,12 @@ prompt; intervals are ``value ± z·stderr``. The same estimates for the SFT mod
 that target come from the SFT samples (``q = a``) and are written with ``policy = sft``,
 ``run = <run>``; so the SFT evaluation itself never depends on an alignment run.
 
+For a run whose target is written over named features, each feature ``φ_k`` is computed
+once per sample (`fdpipe.fdpg.features.FeatureScorer`) of the run's policy and of the SFT
+model, and ``E[φ_k]`` is reported per policy (metric ``feature_<name>``, bootstrap interval
+over prompts) with the requested moment beside it (column ``requested``); the run's
+``samples.parquet`` gets one ``feature_<name>`` column per feature.
+
 The proxy reward is stored twice: ``reward_raw`` (the reward model's score) and ``reward``,
 standardized with the mean and std of ``reward_stats.json`` — the scale alignment trains on,
 so it matches the training curves' ``reward_mean`` and the targets' ``beta``/``threshold``.
@@ -48,8 +54,10 @@ from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.io import provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import pick_device, set_threads
 from fdpipe.common.stats import bootstrap_ci, normal_interval
-from fdpipe.common.tables import SAMPLE_COLUMNS, SUMMARY_COLUMNS, summary_frame, summary_row
+from fdpipe.common.tables import (FEATURE_SAMPLE_COLUMN, SAMPLE_COLUMNS, summary_columns, summary_frame,
+                                  summary_row)
 from fdpipe.fdpg import estimators
+from fdpipe.fdpg.features import FeatureScorer
 from fdpipe.fdpg.targets import Target
 from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
 from fdpipe.models.gold import gold_reward
@@ -124,7 +132,7 @@ def read_target(path) -> tuple[Target, bool]:
     if not isinstance(spec, dict):
         raise DataError(path, "expected a JSON object")
     try:
-        target = Target.from_config(spec, key=str(path))
+        target = Target.from_config(spec, key=str(path), definitions=spec.get("feature_definitions"))
     except ConfigError as exc:
         raise DataError(path, str(exc)) from None
     if target.kind == "distributional" and target.lam is None:
@@ -225,23 +233,55 @@ def summarize(samples: pd.DataFrame, cfg: EvalConfig, *, policy: str, run: str, 
     return rows
 
 
+def target_reward(samples: pd.DataFrame, reward_normalized: bool) -> torch.Tensor:
+    """The rewards a target sees: column ``reward`` (standardized) or ``reward_raw``."""
+    column = samples["reward" if reward_normalized else "reward_raw"]
+    return torch.as_tensor(column.to_numpy(dtype=np.float64, copy=True))
+
+
+def feature_values(samples: pd.DataFrame, scorer: FeatureScorer, reward_normalized: bool) -> torch.Tensor:
+    """``[N, K]`` features of the samples (texts, completions and the target's rewards)."""
+    return scorer.values(texts=samples["text"].tolist(), completions=samples["completion"].tolist(),
+                         reward=target_reward(samples, reward_normalized))
+
+
+def feature_rows(samples: pd.DataFrame, phi: torch.Tensor, target: Target, cfg: EvalConfig, *, policy: str,
+                 run: str, divergence: str, seed: int) -> list[dict]:
+    """``E[φ_k]`` over the samples for each feature of the target (bootstrap over prompts),
+    with the requested moment in ``requested`` (NaN for a condition)."""
+    codes, _ = pd.factorize(samples["prompt_id"])
+    requested = target.requested()
+    rows = []
+    for k, name in enumerate(target.feature_names):
+        ci = bootstrap_ci(phi[:, k].numpy(), groups=codes, confidence=cfg.confidence,
+                          resamples=cfg.bootstrap_resamples, seed=seed)
+        row = summary_row(policy, run, divergence, target.describe(), f"feature_{name}", ci.value, ci.low, ci.high,
+                          len(samples))
+        rows.append({**row, "requested": float(requested.get(name, math.nan))})
+    return rows
+
+
 def target_divergences(samples: pd.DataFrame, target: Target, cfg: EvalConfig, *, policy: str, run: str,
-                       divergence: str, reward_normalized: bool, seed: int) -> list[dict]:
+                       divergence: str, reward_normalized: bool, seed: int, phi: torch.Tensor | None = None
+                       ) -> list[dict]:
     """``D_f(π‖p)`` for every generator, ``log Z`` and the constraint, from samples of π itself.
 
     The target sees the column ``reward`` (standardized) when `reward_normalized`, else
-    ``reward_raw``.
+    ``reward_raw``, and, over features, their values `phi` ``[N, K]``.
     ``log P = logp_sft + log_potential(reward)``; ``Z(c)`` is self-normalized per prompt from
     the same samples, so the estimates are consistent (biased for few samples per prompt).
+    A distributional target over features has no single constraint: no ``constraint`` row.
     """
     codes, uniques = pd.factorize(samples["prompt_id"])
     group = torch.as_tensor(codes, dtype=torch.long)
     num_groups = len(uniques)
-    column = "reward" if reward_normalized else "reward_raw"
-    reward = torch.as_tensor(samples[column].to_numpy(), dtype=torch.float64)
+    reward = target_reward(samples, reward_normalized)
     log_pi = torch.as_tensor(samples["logp_policy"].to_numpy(), dtype=torch.float64)
     log_a = torch.as_tensor(samples["logp_sft"].to_numpy(), dtype=torch.float64)
-    log_target = log_a + target.log_potential(reward).double()
+    if target.over_features:
+        log_target = log_a + target.log_potential(reward, phi).double()
+    else:
+        log_target = log_a + target.log_potential(reward).double()
     estimates = estimators.importance_divergences(log_pi, log_target, log_pi, group, num_groups)
     n = len(samples)
     describe = target.describe()
@@ -255,7 +295,9 @@ def target_divergences(samples: pd.DataFrame, target: Target, cfg: EvalConfig, *
     rows.append(summary_row(policy, run, divergence, describe, "objective", est.value, low, high, n))
     log_z = estimators.log_partition(log_target - log_pi, group, num_groups)
     rows.append(summary_row(policy, run, divergence, describe, "log_z", float(log_z.mean()), n=n))
-    ci = bootstrap_ci(target.constraint(reward).numpy(), groups=codes, confidence=cfg.confidence,
+    if target.over_features and target.kind == "distributional":
+        return rows
+    ci = bootstrap_ci(target.constraint(reward, phi).numpy(), groups=codes, confidence=cfg.confidence,
                       resamples=cfg.bootstrap_resamples, seed=seed)
     rows.append(summary_row(policy, run, divergence, describe, "constraint", ci.value, ci.low, ci.high, n))
     return rows
@@ -318,22 +360,34 @@ def run(policy: str, policy_model, sft_model, reward_model, prompts_path, sample
     describe = target.describe() if aligned else None
     rows = summarize(samples, eval_cfg, policy=policy, run=run_name, divergence=divergence if aligned else None,
                      target=describe, seed=seed)
+    columns = dict(SAMPLE_COLUMNS)
     if aligned:
-        rows += target_divergences(samples, target, eval_cfg, policy=policy, run=policy, divergence=divergence,
-                                   reward_normalized=reward_normalized, seed=seed)
-        rows += target_divergences(sft_samples, target, eval_cfg, policy=SFT, run=policy, divergence=divergence,
-                                   reward_normalized=reward_normalized, seed=seed)
+        phi = sft_phi = None
+        if target.over_features:
+            scorer = FeatureScorer(target.feature_specs, device=dev)
+            phi = feature_values(samples, scorer, reward_normalized)
+            sft_phi = feature_values(sft_samples, scorer, reward_normalized)
+            samples = samples.assign(**{f"feature_{name}": phi[:, k].numpy()
+                                        for k, name in enumerate(target.feature_names)})
+            columns.update({f"feature_{name}": FEATURE_SAMPLE_COLUMN.format(name=name)
+                            for name in target.feature_names})
+        for who, frame, values in ((policy, samples, phi), (SFT, sft_samples, sft_phi)):
+            rows += target_divergences(frame, target, eval_cfg, policy=who, run=policy, divergence=divergence,
+                                       reward_normalized=reward_normalized, seed=seed, phi=values)
+            if target.over_features:
+                rows += feature_rows(frame, values, target, eval_cfg, policy=who, run=policy, divergence=divergence,
+                                     seed=seed)
     summary = summary_frame(rows)
 
     meta_config = config if config is not None else {
         "evaluation": dataclasses.asdict(eval_cfg), "policy": policy, "divergence": divergence,
-        "target": dataclasses.asdict(target) if target is not None else None,
+        "target": target.as_dict() if target is not None else None,
         "reward_normalized": reward_normalized}
-    meta = provenance(meta_config, seed, stage="evaluate", policy=policy, columns=SAMPLE_COLUMNS,
-                      target_spec=dataclasses.asdict(target) if target is not None else None,
+    meta = provenance(meta_config, seed, stage="evaluate", policy=policy, columns=columns,
+                      target_spec=target.as_dict() if target is not None else None,
                       elapsed_s=round(time.perf_counter() - t0, 2))
     write_parquet(samples, samples_path, meta)
-    write_parquet(summary, summary_path, {**meta, "columns": SUMMARY_COLUMNS})
+    write_parquet(summary, summary_path, {**meta, "columns": summary_columns(summary)})
     by_metric = summary[(summary["policy"] == policy)].set_index("metric")["value"]
     log.info("policy %s: reward %.3f, gold %.3f, KL(pi||sft) %.3f, distinct-2 %.3f, self-BLEU %.3f (%.1f s)",
              policy, by_metric["reward_mean"], by_metric["gold_mean"], by_metric["kl_pi_sft"],

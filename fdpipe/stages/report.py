@@ -8,7 +8,9 @@ Outputs of `run`:
   (``run, divergence, target, step, metric, value``; NaN values — metrics a run does not
   record, such as λ of a non-distributional target — are left out);
 * ``frontier.{png,svg}``: gold and proxy reward against ``KL(π‖SFT)`` per policy, with intervals;
-* ``curves.{png,svg}``: training curves per run, coloured by divergence.
+* ``curves.{png,svg}``: training curves per run, coloured by divergence;
+* ``features.{png,svg}``: for targets written over named features, each feature's ``E[φ]``
+  per policy on held-out prompts (with the requested moments) and during training.
 
 Each table carries the provenance metadata of `fdpipe.common.io.provenance` plus the config hash
 and path of every input it was built from (``sources``).
@@ -25,7 +27,7 @@ from fdpipe.common import plots
 from fdpipe.common.config import known_keys
 from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.io import provenance, read_metadata, read_parquet, write_parquet
-from fdpipe.common.tables import SUMMARY_COLUMNS
+from fdpipe.common.tables import FEATURE_SUMMARY_COLUMNS, SUMMARY_COLUMNS, summary_columns
 
 log = logging.getLogger("fdpipe.report")
 
@@ -78,11 +80,14 @@ def read_summaries(paths) -> pd.DataFrame:
     paths = list(paths)
     if not paths:
         raise ValueError("the report needs at least one evaluation summary")
-    frames = []
+    frames, extra = [], []
     for path in paths:
         df = read_parquet(path, required=list(SUMMARY_COLUMNS))
-        frames.append(df[list(SUMMARY_COLUMNS)])
+        present = [c for c in FEATURE_SUMMARY_COLUMNS if c in df.columns]
+        extra += [c for c in present if c not in extra]
+        frames.append(df[list(SUMMARY_COLUMNS) + present])
     out = pd.concat(frames, ignore_index=True)
+    out = out[list(SUMMARY_COLUMNS) + [c for c in FEATURE_SUMMARY_COLUMNS if c in extra]]
     key = ["policy", "run", "metric"]
     duplicated = out.duplicated(key, keep=False)
     if duplicated.any():
@@ -92,6 +97,8 @@ def read_summaries(paths) -> pd.DataFrame:
     for col in ("policy", "run", "divergence", "target", "metric"):
         out[col] = out[col].astype("string")
     out["n"] = out["n"].astype("int64")
+    for col in extra:
+        out[col] = out[col].astype("float64")
     return out.sort_values(key, kind="stable").reset_index(drop=True)
 
 
@@ -118,11 +125,13 @@ def read_curves(paths) -> pd.DataFrame:
 
 
 def run(summary_paths, metrics_paths, summary_out, curves_out, frontier_png, frontier_svg, curves_png,
-        curves_svg, cfg: dict | None = None, *, config=None, seed: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        curves_svg, cfg: dict | None = None, *, features_png=None, features_svg=None, config=None,
+        seed: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build the report tables and plots (see the module docstring); returns (summary, curves).
 
     `cfg` is the ``report`` config section; `config` is what the outputs' config hash covers
-    (defaults to the report section); `seed` is recorded in the metadata.
+    (defaults to the report section); `seed` is recorded in the metadata. The features figure
+    is drawn when `features_png` and `features_svg` are given.
     """
     report_cfg = ReportConfig.from_dict(cfg)
     summary_paths, metrics_paths = [Path(p) for p in summary_paths], [Path(p) for p in metrics_paths]
@@ -131,11 +140,14 @@ def run(summary_paths, metrics_paths, summary_out, curves_out, frontier_png, fro
     sources = {str(p): _config_hash(p) for p in summary_paths + metrics_paths}
     meta = provenance(config if config is not None else dataclasses.asdict(report_cfg), seed, stage="report",
                       sources=sources)
-    write_parquet(summary, summary_out, {**meta, "columns": SUMMARY_COLUMNS})
+    write_parquet(summary, summary_out, {**meta, "columns": summary_columns(summary)})
     write_parquet(curves, curves_out, {**meta, "columns": CURVE_COLUMNS})
     plots.frontier(summary, frontier_png, frontier_svg, y_metrics=report_cfg.frontier_metrics, dpi=report_cfg.dpi)
     plots.curves(curves, curves_png, curves_svg, metrics=report_cfg.curve_metrics,
                  smoothing=report_cfg.smoothing, dpi=report_cfg.dpi)
+    if features_png is not None and features_svg is not None:
+        plots.features(summary, curves, features_png, features_svg, smoothing=report_cfg.smoothing,
+                       dpi=report_cfg.dpi)
     log.info("report: %d summary rows from %d policies, %d curve points from %d runs",
              len(summary), summary["policy"].nunique(), len(curves), curves["run"].nunique())
     return summary, curves

@@ -31,6 +31,12 @@ rule report:
             caption="../report/curves.rst",
             category="Plots",
         ),
+        features_png="results/report/features.png",
+        features_svg=report(
+            "results/report/features.svg",
+            caption="../report/features.rst",
+            category="Plots",
+        ),
     log:
         "logs/report/report.log",
     benchmark:

@@ -12,6 +12,8 @@ report.run(
     frontier_svg=snakemake.output.frontier_svg,
     curves_png=snakemake.output.curves_png,
     curves_svg=snakemake.output.curves_svg,
+    features_png=snakemake.output.features_png,
+    features_svg=snakemake.output.features_svg,
     cfg=snakemake.params.report,
     config={"report": snakemake.params.report, "seed": snakemake.params.seed},
     seed=snakemake.params.seed,
