@@ -19,9 +19,12 @@ rule align:
         "benchmarks/align/{run}.tsv"
     conda:
         "../../environment.yml"
-    threads: workflow.cores
+    threads: lambda wc: job_threads(run_processes(wc.run))
     resources:
-        mem_mb=8000,
+        # the run's processes (torchrun when > 1), one GPU each unless device is cpu
+        processes=lambda wc: run_processes(wc.run),
+        gpu=lambda wc: job_gpus(run_processes(wc.run)),
+        mem_mb=lambda wc: 8000 * run_processes(wc.run),
     params:
         run_cfg=lambda wc: run_config(wc.run),
         seed=config["seed"],

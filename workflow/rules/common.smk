@@ -1,5 +1,6 @@
 # Config validation, shared helpers and wildcard constraints.
 import os
+import sys
 
 from fdpipe.common.config import merged_run_config, validate_config
 
@@ -15,8 +16,14 @@ def run_names():
 
 
 def run_config(run):
-    """alignment.defaults merged with alignment.runs.<run>: everything one align job reads."""
-    return merged_run_config(config["alignment"], run)
+    """alignment.defaults merged with alignment.runs.<run>, less `processes`: everything
+    one align job computes with (its params)."""
+    return stage_settings(merged_run_config(config["alignment"], run))
+
+
+def run_processes(run):
+    """Processes of run <run>'s align job (alignment.defaults/runs.<run>.processes)."""
+    return merged_run_config(config["alignment"], run)["processes"]
 
 
 def get_state(stage, *wildcards):
@@ -38,6 +45,39 @@ def get_final_output():
         "results/report/frontier.png",
         "results/report/curves.png",
     ]
+
+
+# How a training job runs: its process count is a resource, not a param. Rules sft,
+# train_reward and align declare `resources: processes=N` (their script passes it to the
+# stage, which runs N data-parallel processes under torchrun when N > 1), with the matching
+# request: `gpu=N` when config device is not cpu (one GPU per process; `auto` asks for GPUs
+# too, since on a cluster a job only sees the GPUs it requested), and at least N threads,
+# i.e. CPU cores (one per process at least). Keeping `processes` out of params means that
+# changing it does not rerun a finished job: it changes how a result is computed, not what.
+
+
+def stage_settings(section):
+    """A config section without its `processes` key: the stage's settings."""
+    return {key: value for key, value in section.items() if key != "processes"}
+
+
+def job_gpus(processes=1):
+    """GPUs a job of `processes` processes requests: one each, none when device is cpu."""
+    return 0 if config["device"] == "cpu" else processes
+
+
+def job_threads(processes=1):
+    """Threads (CPU cores) of a job whose stage uses all it is given: at least one per process.
+
+    A local run gives such a job all of --cores. A cluster run (an executor such as slurm,
+    without --cores) gives it one core per process, and the Snakemake that runs the job
+    inside its allocation (exec mode remote) says the same, so that the job runs with what
+    it requested; the cluster profile's set-threads raise it per rule.
+    """
+    cores = workflow.resource_settings.cores
+    if workflow.remote_exec or cores is None or cores >= sys.maxsize:
+        return processes
+    return max(cores, processes)
 
 
 wildcard_constraints:

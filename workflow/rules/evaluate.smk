@@ -29,8 +29,10 @@ rule evaluate:
         policy="|".join(["sft"] + run_names()),
     conda:
         "../../environment.yml"
-    threads: workflow.cores
+    threads: job_threads()
     resources:
+        # one process; a GPU unless device is cpu
+        gpu=job_gpus(),
         mem_mb=6000,
     params:
         evaluation=config["evaluation"],

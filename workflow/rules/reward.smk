@@ -19,11 +19,14 @@ rule train_reward:
         "benchmarks/train_reward/train_reward.tsv"
     conda:
         "../../environment.yml"
-    threads: workflow.cores
+    threads: job_threads(config["reward"]["processes"])
     resources:
-        mem_mb=4000,
+        # reward.processes processes (torchrun when > 1), one GPU each unless device is cpu
+        processes=config["reward"]["processes"],
+        gpu=job_gpus(config["reward"]["processes"]),
+        mem_mb=4000 * config["reward"]["processes"],
     params:
-        reward=config["reward"],
+        reward=stage_settings(config["reward"]),
         backbone=config["models"]["reward_backbone"],
         seed=config["seed"],
         device=config["device"],

@@ -20,11 +20,14 @@ rule sft:
         "benchmarks/sft/sft.tsv"
     conda:
         "../../environment.yml"
-    threads: workflow.cores
+    threads: job_threads(config["sft"]["processes"])
     resources:
-        mem_mb=6000,
+        # sft.processes processes (torchrun when > 1), one GPU each unless device is cpu
+        processes=config["sft"]["processes"],
+        gpu=job_gpus(config["sft"]["processes"]),
+        mem_mb=6000 * config["sft"]["processes"],
     params:
-        sft=config["sft"],
+        sft=stage_settings(config["sft"]),
         base=config["models"]["base"],
         seed=config["seed"],
         device=config["device"],
