@@ -16,4 +16,5 @@ align.run(
     state_path=snakemake.params.state,
     device=snakemake.params.device,
     threads=snakemake.threads,
+    processes=snakemake.resources.processes,
 )

@@ -15,4 +15,5 @@ reward.run(
     state_path=snakemake.params.state,
     device=snakemake.params.device,
     threads=snakemake.threads,
+    processes=snakemake.resources.processes,
 )
