@@ -132,6 +132,7 @@ def test_config_defaults_match_schema():
     with open(SCHEMA) as fh:
         props = yaml.safe_load(fh)["properties"]["reward"]["properties"]
     defaults = RewardConfig()
+    props.pop("processes")   # how many processes run the job: a stage argument, not a training setting
     assert set(props) == {f for f in RewardConfig.__dataclass_fields__}
     for key, spec in props.items():
         assert spec["default"] == getattr(defaults, key), key
