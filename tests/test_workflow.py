@@ -1,8 +1,11 @@
 """The whole Snakemake DAG on a tiny configuration, plus config validation and rerun rules."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 import tiny_assets
 from fdpipe.common.io import read_metadata
@@ -26,11 +29,11 @@ def test_whole_dag_outputs(finished_run):
     assert {"policy", "metric", "value", "ci_low", "ci_high"} <= set(summary.columns)
     assert set(summary["policy"]) >= {"sft", "rkl", "fkl", "js", "tv", "chi2", "rchi2"}
     curves = pd.read_parquet(work / "results/report/curves.parquet")
-    assert set(curves["run"]) == {"rkl", "fkl", "js", "tv", "chi2", "rchi2"}
+    assert set(curves["run"]) == {"rkl", "fkl", "js", "tv", "chi2", "rchi2", "gdc_pointwise", "gdc_moments"}
     for name in ("summary", "curves"):
         meta = read_metadata(work / f"results/report/{name}.parquet")
         assert meta["config_hash"] and meta["packages"]["torch"]
-    for png in ("frontier.png", "curves.png"):
+    for png in ("frontier.png", "curves.png", "features.png"):
         assert (work / "results/report" / png).stat().st_size > 1000
     for run in ("rkl", "js", "tv"):
         metrics = pd.read_parquet(work / f"results/align/{run}/metrics.parquet")
@@ -39,6 +42,44 @@ def test_whole_dag_outputs(finished_run):
     js_target = (work / "results/align/js/target.json").read_text()
     assert '"lambda": null' not in js_target
     pq.read_table(work / "results/eval/rkl/samples.parquet")
+
+
+def test_the_tiny_config_has_a_pointwise_and_a_distributional_target_over_two_features():
+    import yaml
+
+    from fdpipe.common.config import merged_run_config, validate_config
+
+    tiny = validate_config(yaml.safe_load(TINY.read_text()), TINY.parent.parent.parent / "workflow" / "schemas" /
+                           "config.schema.yaml")
+    targets = [merged_run_config(tiny["alignment"], run)["target"] for run in tiny["alignment"]["runs"]]
+    over_features = sorted((t["kind"], len(t["features"])) for t in targets if t.get("features"))
+    assert over_features == [("distributional", 2), ("pointwise", 2)]
+
+
+def test_targets_over_features_on_the_language_model(finished_run):
+    """A 2-feature pointwise and a 2-feature distributional target: each feature's moment is
+    logged per step and evaluated per policy, the requested moments beside them."""
+    work = finished_run
+    moments = pd.read_parquet(work / "results/align/gdc_moments/metrics.parquet")
+    assert {"feature_has_e", "feature_reward", "lambda_has_e", "lambda_reward"} <= set(moments.columns)
+    pointwise = pd.read_parquet(work / "results/align/gdc_pointwise/metrics.parquet")
+    assert {"feature_positive", "feature_has_e"} <= set(pointwise.columns)
+    assert not any(c.startswith("lambda_") for c in pointwise.columns)
+    assert not any(c.startswith("feature_") for c in pd.read_parquet(work / "results/align/js/metrics.parquet"))
+    target = json.loads((work / "results/align/gdc_moments/target.json").read_text())
+    assert target["lambda_fit"]["moments"] == pytest.approx({"has_e": 0.6, "reward": 0.2}, abs=1e-3)
+    summary = pd.read_parquet(work / "results/report/summary.parquet")
+    rows = summary[summary["metric"].str.startswith("feature_")]
+    assert set(zip(rows["run"], rows["metric"])) == {
+        ("gdc_pointwise", "feature_positive"), ("gdc_pointwise", "feature_has_e"),
+        ("gdc_moments", "feature_has_e"), ("gdc_moments", "feature_reward")}
+    assert set(rows["policy"]) == {"sft", "gdc_pointwise", "gdc_moments"}
+    requested = rows[rows["run"] == "gdc_moments"].groupby("metric")["requested"].first().to_dict()
+    assert requested == {"feature_has_e": 0.6, "feature_reward": 0.2}
+    assert rows[rows["run"] == "gdc_pointwise"]["requested"].isna().all()
+    assert summary[~summary["metric"].str.startswith("feature_")]["requested"].isna().all()
+    samples = pd.read_parquet(work / "results/eval/gdc_moments/samples.parquet")
+    assert (samples["feature_has_e"] == samples["completion"].str.contains("e")).all()
 
 
 def test_logs_benchmarks_and_no_state_left(finished_run):
@@ -70,12 +111,21 @@ def test_one_run_change_reruns_only_that_run(finished_run, tmp_path):
     assert planned_jobs(finished_run, configfile=changed) == {"align": 1, "evaluate": 1, "report": 1, "all": 1}
 
 
+def test_a_feature_change_reruns_the_runs_that_use_it(finished_run, tmp_path):
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(TINY.read_text().replace("positive: {kind: reward, threshold: 0.0}",
+                                                "positive: {kind: reward, threshold: 0.5}"))
+    assert planned_jobs(finished_run, configfile=changed) == {"align": 1, "evaluate": 1, "report": 1, "all": 1}
+    changed.write_text(TINY.read_text().replace('pattern: "e"', 'pattern: "a"'))
+    assert planned_jobs(finished_run, configfile=changed) == {"align": 2, "evaluate": 2, "report": 1, "all": 1}
+
+
 def test_sft_change_reruns_everything_downstream(finished_run, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(TINY.read_text().replace("  steps: 4\n  batch_size: 8\n  lr: 1.0e-3",
                                                 "  steps: 5\n  batch_size: 8\n  lr: 1.0e-3", 1))
     jobs = planned_jobs(finished_run, configfile=changed)
-    assert jobs == {"sft": 1, "align": 6, "evaluate": 7, "report": 1, "all": 1}
+    assert jobs == {"sft": 1, "align": 8, "evaluate": 9, "report": 1, "all": 1}
 
 
 def test_bad_config_value_names_the_key(tmp_path):
