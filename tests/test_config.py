@@ -1,4 +1,6 @@
 """Config validation: defaults are filled in, and a bad value names its key in one line."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,34 @@ def test_select_states_exactly_which_runs_exist():
         run_names({**alignment, "select": []})
     with pytest.raises(ConfigError, match="'alignment.select': expected each run named once"):
         run_names({**alignment, "select": ["js", "js"]})
+
+
+def _dry_run(tmp_path, user_config: str):
+    """`snakemake -n --configfile my.yaml` in an empty folder: the DAG a user's config builds."""
+    (tmp_path / "my.yaml").write_text(user_config)
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "-s", str(REPO / "Snakefile"),
+                           "-d", str(tmp_path), "--configfile", str(tmp_path / "my.yaml")],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_users_config_selects_exactly_its_runs(tmp_path):
+    out = _dry_run(tmp_path, "alignment:\n  runs:\n    mine: {divergence: chi2}\n  select: [mine, js]\n")
+    assert out.returncode == 0, out.stderr
+    jobs = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert jobs["align"] == 2 and jobs["evaluate"] == 3      # mine and js (not rkl, fkl, tv) + sft
+
+
+@pytest.mark.parametrize("user_config, message", [
+    ("alignment:\n  select: [rkl, typo]\n", "config key 'alignment.select': expected names of alignment.runs entries"),
+    ("sft:\n  lr: -1\n", "config key 'sft.lr': expected a value > 0, got -1"),
+    ("sft:\n  checkpoint_seconds: -5\n", "config key 'sft.checkpoint_seconds': expected a value >= 0"),
+])
+def test_a_bad_config_stops_the_workflow_with_one_line(tmp_path, user_config, message):
+    out = _dry_run(tmp_path, user_config)
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("Using workflow specific")]
+    assert len(lines) == 1, out.stderr                        # no traceback after it
+    assert message in lines[0]
+    where = lines[0][lines[0].rindex("(config from "):]
+    assert str(REPO / "config" / "config.yaml") in where and str(tmp_path / "my.yaml") in where

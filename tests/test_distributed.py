@@ -117,6 +117,8 @@ def _rank_main(rank, rendezvous, out, cases):
         world = World(rank=rank, size=2)
         results = {case: _one_update(*case.split("/"), world) for case in cases}
         results["fit"] = world.gather_objects(_fit_on_base_samples(world))
+        # each rank's own clock says otherwise: rank 0's decision holds everywhere
+        results["decided"] = world.gather_objects([world.main_decides(rank == 0), world.main_decides(rank == 1)])
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -161,6 +163,11 @@ def test_two_process_metrics_are_pooled_over_the_global_batch(two_process_update
 def test_feature_metrics_are_pooled(two_process_updates):
     _, metrics_2, _ = two_process_updates["chi2/online"]
     assert {"feature_has_a", "feature_long", "feature_good", "lambda_has_a", "lambda_long"} <= set(metrics_2)
+
+
+def test_rank_0_decides_for_every_rank(two_process_updates):
+    """A time-based save is decided on rank 0's clock, so every rank joins the same saves."""
+    assert two_process_updates["decided"] == [[True, False], [True, False]]
 
 
 def test_two_processes_fit_one_lambda_on_their_pooled_samples(two_process_updates):

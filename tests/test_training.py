@@ -6,6 +6,7 @@ import torch
 
 from fdpipe.common.errors import DataError
 from fdpipe.training import batches, checkpoint, optim
+from fdpipe.training.distributed import World
 from fdpipe.training.guards import NonFiniteError, check
 
 
@@ -167,3 +168,20 @@ def test_length_bucketed_batches_are_epoch_permutations_bucketed_by_length():
     # one bucket here: each batch is a run of the sorted lengths of the epoch's 9 rows
     spans = sorted((lengths[b].min().item(), lengths[b].max().item()) for b in first)
     assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))
+
+
+def test_save_settings_are_not_part_of_the_fingerprint():
+    cfg = {"lr": 1e-3, "steps": 10, "checkpoint_every": 1, "checkpoint_seconds": 30}
+    same = checkpoint.fingerprint({**cfg, "checkpoint_every": 7, "checkpoint_seconds": 0}, 0, {})
+    assert checkpoint.fingerprint(cfg, 0, {}) == same          # a state saved more often still resumes
+    assert checkpoint.fingerprint({**cfg, "lr": 2e-3}, 0, {}) != same
+
+
+def test_save_schedule_from_a_config_section(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    schedule = checkpoint.SaveSchedule.from_config({"checkpoint_every": 100, "checkpoint_seconds": 10}, default_steps=5)
+    assert (schedule.every_steps, schedule.every_seconds) == (100, 10.0)
+    clock[0] = 10.0
+    assert schedule.due(3, World())                            # one process decides alone
+    assert checkpoint.SaveSchedule.from_config({}, default_steps=5).due(5)

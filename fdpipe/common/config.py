@@ -109,6 +109,7 @@ def validate_config(config: dict, schema_path) -> dict:
     if isinstance(config.get("alignment"), dict):
         from fdpipe.common.feature_specs import check_features
 
+        run_names(config["alignment"])
         check_features(config["alignment"])
     return config
 
@@ -125,5 +126,7 @@ def _expected(err) -> str:
         "exclusiveMaximum": f"a value < {value}",
         "pattern": f"a string matching {value}",
         "minProperties": f"at least {value} entries",
+        "minItems": f"a list of at least {value} item(s)",
+        "uniqueItems": "a list without repeated items",
         "required": "the required keys",
     }.get(v, err.message)

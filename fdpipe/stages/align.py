@@ -106,7 +106,7 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     target = _target(run_cfg, key)
     max_new_tokens = int(run_cfg.get("max_new_tokens", 24))
     train_layers = int(run_cfg.get("train_layers", -1))
-    checkpoint_every = int(run_cfg.get("checkpoint_every", 10))
+    saves = checkpoint.SaveSchedule.from_config(run_cfg, default_steps=10)
     seed_everything(seed)
     fingerprint = checkpoint.fingerprint({"run": run_name, **run_cfg, "processes": world.size}, seed, {
         "sft_model": sft_model, "reward_model": reward_model, "prompts": prompts_path})
@@ -152,11 +152,13 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
                         kl=f"{metrics['kl_pi_a']:.3f}", obj=f"{metrics['objective']:.3g}")
         log.info("step %d %s", metrics["step"], " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                            if isinstance(v, float)))
-        if aligner.step_count % checkpoint_every == 0 and aligner.step_count < cfg.steps:
+        # rank 0's clock decides for every rank: each one's state goes into the file
+        if saves.due(aligner.step_count, world) and aligner.step_count < cfg.steps:
             # each process's sampling stream differs: the state keeps every rank's
             states = aligner.state_dict() if world.size == 1 else world.gather_objects(aligner.state_dict())
             if world.is_main:
                 checkpoint.save_state(state_path, fingerprint, aligner=states, metrics=rows)
+            saves.saved()
     bar.close()
 
     frame = pd.DataFrame(rows)

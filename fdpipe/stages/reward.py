@@ -72,6 +72,7 @@ class RewardConfig:
     center_coef: float = 0.01       # weight of the centering term mean((r_c + r_r)^2)
     train_layers: int = -1          # train the last k transformer blocks (+ pooler, head); -1: all
     checkpoint_every: int = 50      # training state written every this many steps
+    checkpoint_seconds: float = 30.0  # ... and after any step ending this long after the last write
 
     @classmethod
     def from_dict(cls, cfg: dict | None) -> "RewardConfig":
@@ -108,6 +109,8 @@ class RewardConfig:
              "an integer >= -1")
         need("checkpoint_every", is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
              "an integer >= 1")
+        need("checkpoint_seconds", is_num(self.checkpoint_seconds) and math.isfinite(self.checkpoint_seconds)
+             and self.checkpoint_seconds >= 0, "a number >= 0 (0 = save by steps only)")
 
     def total_steps(self, n_pairs: int) -> int:
         """Optimizer steps of the whole run for a training set of `n_pairs` pairs."""
@@ -246,6 +249,7 @@ def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: Rew
         {**dataclasses.asdict(config), "processes": world.size}, seed,
         {"backbone": backbone, "prefs_train": prefs_train_path, "prefs_val": prefs_val_path, "ratings": ratings_path})
     rows: list[dict] = []
+    saves = checkpoint.SaveSchedule(config.checkpoint_every, config.checkpoint_seconds)
     start, elapsed = 0, 0.0  # steps done and training seconds spent before this process
     state = checkpoint.load_state(state_path, fingerprint)
     if state is not None:
@@ -298,9 +302,10 @@ def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: Rew
                      metrics["pearson"], metrics["spearman"])
             if done == total:
                 final = metrics
-        if world.is_main and done % config.checkpoint_every == 0 and done < total:
+        if world.is_main and saves.due(done) and done < total:
             checkpoint.save_state(state_path, fingerprint, step=done, elapsed_s=time.perf_counter() - t0,
                                   metrics=rows, **checkpoint.training_snapshot(model, optimizer, scheduler))
+            saves.saved()
     bar.close()
 
     if world.is_main:

@@ -11,7 +11,8 @@ Only the last ``sft.train_layers`` transformer blocks and the final norm train (
 every parameter, embeddings and LM head included). The loop reads top to bottom: batch ->
 loss -> step -> (evaluate) -> (checkpoint). A checkpoint (``state.pt``: trained
 parameters, optimizer, scheduler, step, RNG, metrics so far) is written every
-``checkpoint_every`` steps beside the model folder, so a killed run resumes where it
+``checkpoint_every`` steps (and after any step ending ``checkpoint_seconds`` after the last
+write) beside the model folder, so a killed run resumes where it
 stopped (`fdpipe.training.checkpoint`: a state written for another config, seed, model or
 data stops the stage with a message naming the file).
 """
@@ -55,6 +56,9 @@ def check_config(cfg: dict) -> None:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if not ok or v < 0 or (rule == "> 0" and v == 0):
             raise ConfigError(f"sft.{key}", f"a number {rule}", v)
+    v = cfg.get("checkpoint_seconds", 0)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+        raise ConfigError("sft.checkpoint_seconds", "a number >= 0 (0 = save by steps only)", v)
     v = cfg.get("train_layers")
     if not isinstance(v, int) or isinstance(v, bool) or v < -1:
         raise ConfigError("sft.train_layers", "an integer >= 0, or -1 for all parameters", v)
@@ -209,6 +213,7 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
 
     metrics: list[dict] = []
     start = 0
+    saves = checkpoint.SaveSchedule.from_config(cfg, default_steps=50)
     state = checkpoint.load_state(state_path, fingerprint)
     if state is not None:
         checkpoint.restore_snapshot(state, state_path, model, optimizer, scheduler)
@@ -257,9 +262,10 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
             val = validation_loss(model, world.shard(val_batches), device, world)
             record(done, "val", val)
             log.info("step %d: train loss %.4f, val loss %.4f", done, value, val["loss"])
-        if world.is_main and (done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]):
+        if world.is_main and (saves.due(done) or done == cfg["steps"]):
             checkpoint.save_state(state_path, fingerprint, step=done, metrics=metrics,
                                   **checkpoint.training_snapshot(model, optimizer, scheduler))
+            saves.saved()
     bar.close()
 
     table = pd.DataFrame(metrics, columns=["step", "split", "metric", "value"])

@@ -45,9 +45,16 @@ def input_fingerprint(path_or_name) -> object:
     return str(path_or_name)
 
 
+# When states are written, not what is computed: left out of the fingerprint, so that a
+# state written under other save settings still resumes.
+SAVE_KEYS = ("checkpoint_every", "checkpoint_seconds")
+
+
 def fingerprint(config, seed: int, inputs: dict) -> str:
-    """Hash of everything a state must match to be resumed: the stage's config, the seed and
-    its inputs (a mapping name -> path or model name)."""
+    """Hash of everything a state must match to be resumed: the stage's config (less
+    `SAVE_KEYS`), the seed and its inputs (a mapping name -> path or model name)."""
+    if isinstance(config, dict):
+        config = {key: value for key, value in config.items() if key not in SAVE_KEYS}
     return config_hash({"config": config, "seed": seed,
                         "inputs": {name: input_fingerprint(value) for name, value in sorted(inputs.items())}})
 
@@ -82,14 +89,25 @@ def load_state(path, fingerprint: str, map_location="cpu") -> dict | None:
 class SaveSchedule:
     """When to write the state: after every `every_steps`-th step, and after any step that ends
     `every_seconds` or more after the last write (0: no time limit), so that a kill loses at
-    most that many seconds of work plus one step."""
+    most that many seconds of work plus one step.
+
+    With several processes, pass the job's `World` to `due`: rank 0's clock decides for all
+    (one small all-reduce), so that every rank takes part in a save that needs them all.
+    """
 
     def __init__(self, every_steps: int, every_seconds: float = 0.0):
         self.every_steps, self.every_seconds = int(every_steps), float(every_seconds)
         self.last = time.monotonic()
 
-    def due(self, step: int) -> bool:
+    @classmethod
+    def from_config(cls, cfg: dict, default_steps: int) -> "SaveSchedule":
+        """From a stage's ``checkpoint_every`` and ``checkpoint_seconds`` keys."""
+        return cls(cfg.get("checkpoint_every", default_steps), cfg.get("checkpoint_seconds", 0.0))
+
+    def due(self, step: int, world=None) -> bool:
         late = self.every_seconds > 0 and time.monotonic() - self.last >= self.every_seconds
+        if world is not None:
+            late = world.main_decides(late)
         return step % self.every_steps == 0 or late
 
     def saved(self) -> None:

@@ -97,6 +97,15 @@ class World:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def main_decides(self, flag: bool) -> bool:
+        """Rank 0's `flag`, on every rank (for choices that must be the same everywhere, such
+        as saving a state that every rank contributes to)."""
+        if self.size == 1:
+            return bool(flag)
+        box = [bool(flag)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return bool(box[0])
+
     def barrier(self) -> None:
         if self.size > 1:
             torch.distributed.barrier()

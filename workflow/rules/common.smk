@@ -2,17 +2,33 @@
 import os
 import sys
 
-from fdpipe.common.config import merged_run_config, validate_config
+from fdpipe.common import config as config_checks
+from fdpipe.common.config import merged_run_config
+from fdpipe.common.errors import FdpipeError
 
-# Fills in the schema's defaults; a bad value stops here with one line naming the key.
-validate_config(
-    config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
-)
+
+def config_sources():
+    """Where the config came from: its files, and --config when given."""
+    files = [str(path) for path in workflow.configfiles]
+    if workflow.config_settings.config:
+        files.append("--config")
+    return ", ".join(files)
+
+
+# Fills in the schema's defaults; a bad value stops the run here with one line naming the
+# key and where the config came from (no traceback).
+try:
+    config_checks.validate_config(
+        config,
+        os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"),
+    )
+except FdpipeError as error:
+    sys.exit(f"{error} (config from {config_sources()})")
 
 
 def run_names():
-    """Names of the alignment runs (alignment.runs)."""
-    return list(config["alignment"]["runs"])
+    """Names of the alignment runs: alignment.select when given, else every alignment.runs entry."""
+    return config_checks.run_names(config["alignment"])
 
 
 def run_config(run):
