@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
+import subprocess
 
 import pandas as pd
 import pytest
@@ -23,6 +25,7 @@ from fdpipe.fdpg.targets import Target
 from fdpipe.models import causal_lm
 from fdpipe.models.reward_model import resolve_backbone
 from fdpipe.stages import align, data, reward, sft
+from fdpipe.training import distributed
 from fdpipe.training.distributed import World
 
 # ----------------------------------------------------------------------------- World
@@ -216,18 +219,50 @@ def _files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def test_sft_in_two_processes_follows_the_one_process_loss_curve(assets, tmp_path):
-    one = _sft(assets, tmp_path / "one", 1)
-    two = _sft(assets, tmp_path / "two", 2)
-    assert _files(tmp_path / "one") == _files(tmp_path / "two")     # rank 0 alone wrote, state removed
+@pytest.fixture(scope="module")
+def one_process_sft(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_one")
+    return out, _sft(assets, out, 1)
+
+
+def _same_sft(one, two, one_dir, two_dir):
+    """Same files, same loss curve (timing aside) and same weights, up to float32 summation order."""
+    assert _files(one_dir) == _files(two_dir)                       # rank 0 alone wrote, state removed
     keep = ~one["metric"].isin(["tokens_per_s", "seconds"])
     pd.testing.assert_frame_equal(two[keep].reset_index(drop=True), one[keep].reset_index(drop=True),
                                   check_exact=False, rtol=1e-4, atol=1e-5)
-    assert read_metadata(tmp_path / "two" / "metrics.parquet")["processes"] == 2
-    a = causal_lm.load_causal_lm(tmp_path / "one" / "model").state_dict()
-    b = causal_lm.load_causal_lm(tmp_path / "two" / "model").state_dict()
+    a = causal_lm.load_causal_lm(one_dir / "model").state_dict()
+    b = causal_lm.load_causal_lm(two_dir / "model").state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sft_in_two_processes_follows_the_one_process_loss_curve(assets, tmp_path, one_process_sft):
+    one_dir, one = one_process_sft
+    two = _sft(assets, tmp_path / "two", 2)
+    _same_sft(one, two, one_dir, tmp_path / "two")
+    assert read_metadata(tmp_path / "two" / "metrics.parquet")["processes"] == 2
+
+
+def test_sft_across_two_launchers_meeting_at_a_rendezvous(assets, tmp_path, one_process_sft):
+    """Two nodes as SLURM would start them (one torchrun each, c10d rendezvous on the first),
+    here two launchers on localhost: one job of two processes, the one-process result."""
+    one_dir, one = one_process_sft
+    out = tmp_path / "nodes"
+    kwargs = dict(model_path=assets["lm"], train_path=assets["sft_train"], val_path=assets["sft_val"], cfg=SFT_CFG,
+                  seed=0, out_dir=out / "model", metrics_path=out / "metrics.parquet", state_path=out / "state.pt",
+                  device="cpu", threads=2)
+    distributed.write_spec(tmp_path / "spec.json", sft.run, kwargs, processes=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = distributed.torchrun_command(tmp_path / "spec.json", 2, nodes=2, endpoint=f"127.0.0.1:{port}", run_id="t")
+    assert "--standalone" not in cmd and "--nproc_per_node=1" in cmd
+    launchers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], "\n".join(logs)[-3000:]
+    _same_sft(one, read_parquet(out / "metrics.parquet"), one_dir, out)
+    assert read_metadata(out / "metrics.parquet")["processes"] == 2
 
 
 def test_reward_model_in_two_processes_follows_the_one_process_curve(assets, tmp_path):

@@ -35,6 +35,7 @@ from fdpipe.common.runtime import pick_device, set_threads, setup_logging
 log = logging.getLogger("fdpipe.distributed")
 
 LOG_ENV = "FDPIPE_LOG_FILE"
+RENDEZVOUS_PORT = 29500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,24 +150,63 @@ def check_processes(processes, key: str) -> int:
     return processes
 
 
+def write_spec(path, fn, kwargs: dict, processes: int) -> None:
+    """The call every launched process makes: ``fn(**kwargs, processes=processes)``, as JSON
+    (paths become strings)."""
+    spec = {"module": fn.__module__, "function": fn.__qualname__, "kwargs": kwargs, "processes": processes}
+    with open(path, "w") as fh:
+        json.dump(spec, fh, default=str)
+
+
+def torchrun_command(spec_path, processes: int, nodes: int = 1, endpoint: str | None = None,
+                     run_id: str = "fdpipe") -> list[str]:
+    """The launcher of one node for `processes` processes in all, spread over `nodes` nodes.
+
+    One node: ``torchrun --standalone``. Several: one launcher per node, each starting
+    ``processes // nodes`` processes, all meeting at the c10d rendezvous `endpoint`
+    (``host:port`` of one of the nodes) under `run_id`; ranks are given out as they join.
+    """
+    head = [sys.executable, "-m", "torch.distributed.run"]
+    entry = ["-m", "fdpipe.training.distributed", str(spec_path)]
+    if nodes == 1:
+        return [*head, "--standalone", f"--nproc_per_node={processes}", *entry]
+    if processes % nodes:
+        raise ConfigError("processes", f"a multiple of the job's {nodes} nodes", processes)
+    return [*head, f"--nnodes={nodes}", f"--nproc_per_node={processes // nodes}", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={endpoint}", f"--rdzv_id={run_id}", *entry]
+
+
+def slurm_nodes() -> tuple[int, str | None, str]:
+    """Nodes of the SLURM job this process runs in, the rendezvous endpoint on its first
+    node and the job id; ``(1, None, "fdpipe")`` outside SLURM or on one node."""
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+    if nodes <= 1:
+        return 1, None, "fdpipe"
+    hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                           capture_output=True, text=True, check=True).stdout.split()
+    return nodes, f"{hosts[0]}:{RENDEZVOUS_PORT}", os.environ.get("SLURM_JOB_ID", "fdpipe")
+
+
 def relaunch(fn, kwargs: dict, processes: int) -> None:
     """Run ``fn(**kwargs, processes=processes)`` in `processes` processes under torchrun and
     wait for them; raise `FdpipeError` if one fails.
 
-    The arguments travel as JSON (paths become strings). Each process logs to the log file of
-    the calling process (appending) — rank 0 at INFO, the others warnings only — and uses
-    ``threads // processes`` CPU threads.
+    In a SLURM job that holds several nodes, ``srun`` starts one launcher per node
+    (`torchrun_command`, rendezvous on the first node; the call's spec is written in the
+    working directory, which a cluster shares between nodes); otherwise one launcher starts
+    them all here. Each process logs to the log file of the calling process (appending) —
+    rank 0 at INFO, the others warnings only — and uses its node's share of ``threads``.
     """
-    spec = {"module": fn.__module__, "function": fn.__qualname__, "kwargs": kwargs, "processes": processes}
     log_file = next((h.baseFilename for h in logging.getLogger().handlers
                      if isinstance(h, logging.FileHandler)), "")
-    with tempfile.TemporaryDirectory(prefix="fdpipe-launch-") as tmp:
+    nodes, endpoint, run_id = slurm_nodes()
+    with tempfile.TemporaryDirectory(prefix=".fdpipe-launch-", dir=os.getcwd() if nodes > 1 else None) as tmp:
         spec_path = os.path.join(tmp, "spec.json")
-        with open(spec_path, "w") as fh:
-            json.dump(spec, fh, default=str)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "fdpipe.training.distributed", spec_path]
-        log.info("launching %d processes of %s.%s", processes, fn.__module__, fn.__qualname__)
+        write_spec(spec_path, fn, kwargs, processes)
+        cmd = torchrun_command(spec_path, processes, nodes, endpoint, run_id)
+        if nodes > 1:
+            cmd = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", *cmd]
+        log.info("launching %d processes of %s.%s on %d node(s)", processes, fn.__module__, fn.__qualname__, nodes)
         for handler in logging.getLogger().handlers:
             handler.flush()
         done = subprocess.run(cmd, env={**os.environ, LOG_ENV: log_file})
@@ -183,10 +223,11 @@ def _main(spec_path: str) -> None:
     setup_logging(os.environ.get(LOG_ENV) or None, level=logging.INFO if here.is_main else logging.WARNING,
                   append=True)
     kwargs = spec["kwargs"]
+    on_this_node = int(os.environ.get("LOCAL_WORLD_SIZE", spec["processes"]))
     if kwargs.get("threads"):
-        kwargs["threads"] = max(1, int(kwargs["threads"]) // spec["processes"])
+        kwargs["threads"] = max(1, int(kwargs["threads"]) // on_this_node)
     else:
-        set_threads(max(1, (os.cpu_count() or 1) // spec["processes"]))
+        set_threads(max(1, (os.cpu_count() or 1) // on_this_node))
     fn = getattr(importlib.import_module(spec["module"]), spec["function"])
     fn(**kwargs, processes=spec["processes"])
 
