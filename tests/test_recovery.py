@@ -1,17 +1,19 @@
 """Kill a real Snakemake run anywhere (SIGKILL to the whole process tree), recover with the one
 documented command, and get exactly the outputs of an uninterrupted run.
 
-The tiny DAG (whose config writes resume states after every step) runs its chain up to one
-alignment run (data → sft → reward model → align rkl); one run is killed while `sft` holds its
-state, another while `align` holds its state. `python workflow/run.py ...` (the README's
-recovery command) releases the stale lock, reruns the incomplete job, which resumes from its
-state, and finishes the chain; its outputs must equal those of the uninterrupted whole-DAG run
-of tests/test_workflow.py (same config, same seed).
+The tiny DAG (whose config writes resume states after every step) is killed once while `sft`
+holds its state (the run asked for data → sft) and once while the `align` job of run rkl holds
+its state (in a folder that already holds the uninterrupted run's data, SFT model and reward
+model, copied with their modification times and Snakemake's records, so that only align runs).
+`python workflow/run.py ...` (the README's recovery command) releases the stale lock, reruns
+the incomplete job, which resumes from its state, and finishes the run; its outputs must equal
+those of the uninterrupted whole-DAG run of tests/test_workflow.py (same config, same seed).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +27,19 @@ from tiny_dag import ENV, REPO, prepare, snakemake_args
 
 TARGET = "results/align/rkl/metrics.parquet"
 TIMING = ("seconds", "tokens_per_s", "elapsed_s")
+# what each killed run asks for, and what it finds done already (copied from the finished run)
+CASES = {"sft": ("results/sft/metrics.parquet", []),
+         "align": (TARGET, ["results/data", "results/sft", "results/reward", ".snakemake/metadata"])}
 
 
-def _prepare(work: Path) -> list[str]:
-    return snakemake_args(prepare(work), "--cores", "2", TARGET)
+def _prepare(work: Path, target: str = TARGET) -> list[str]:
+    return snakemake_args(prepare(work), "--cores", "2", target)
+
+
+def _seed(work: Path, finished: Path, parts: list[str]) -> None:
+    """`work` with tiny/ and `parts` of the finished run, modification times kept."""
+    for part in ["tiny", *parts]:
+        shutil.copytree(finished / part, work / part)
 
 
 def _recover(args) -> subprocess.CompletedProcess:
@@ -87,7 +98,9 @@ def _assert_same_outputs(got: dict, expected: dict) -> None:
     ("align", "results/align/rkl/state.pt", "logs/align/rkl.log"),
 ])
 def test_killed_run_recovers_to_the_uninterrupted_outputs(finished_run, tmp_path, stage, state, log):
-    args = _prepare(tmp_path)
+    target, done = CASES[stage]
+    _seed(tmp_path, finished_run, done)
+    args = snakemake_args(tmp_path, "--cores", "2", target)
     _kill_when(args, tmp_path / state)
     assert (tmp_path / state).exists()
     assert any((tmp_path / ".snakemake" / "locks").iterdir())          # the kill left the lock behind
@@ -100,7 +113,9 @@ def test_killed_run_recovers_to_the_uninterrupted_outputs(finished_run, tmp_path
     assert "resumed" in (tmp_path / log).read_text()
     assert not (tmp_path / state).exists()
     recovered_outputs = _outputs(tmp_path)
-    assert {"results/sft/model/model.safetensors", TARGET} <= set(recovered_outputs)
+    assert {"results/sft/model/model.safetensors", target} <= set(recovered_outputs)
+    if stage == "align":                                  # nothing upstream ran again
+        assert not (tmp_path / "logs" / "sft").exists() and not (tmp_path / "logs" / "train_reward").exists()
     _assert_same_outputs(recovered_outputs, _outputs(finished_run, only=set(recovered_outputs)))
 
 
