@@ -165,3 +165,8 @@ def test_readme_tables_come_from_the_run(finished_run):
     assert f"| js | {gold.value:.3f} [{gold.ci_low:.3f}, {gold.ci_high:.3f}]".replace("-", "−") in text
     sft_loss = pd.read_parquet(finished_run / "results/sft/metrics.parquet").query("split == 'val' and metric == 'loss'")
     assert f"to {sft_loss['value'].iloc[-1]:.3f}" in text
+    # runs over features: each feature's moment under SFT and the run, the request beside it
+    moment = summary[(summary.policy == "gdc_moments") & (summary.metric == "feature_has_e")].iloc[0]
+    assert f"| gdc_moments (js) | has_e | 0.60 | " in text
+    assert f"| {moment.value:.3f} [{moment.ci_low:.3f}, {moment.ci_high:.3f}] |".replace("-", "−") in text
+    assert "| gdc_pointwise (fkl) | positive | — | " in text

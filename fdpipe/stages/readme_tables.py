@@ -115,6 +115,32 @@ def divergence_lines(summary: pd.DataFrame) -> list[str]:
     return out
 
 
+def _with_interval(row, digits: int) -> str:
+    text = _number(row["value"], digits)
+    if pd.notna(row["ci_low"]):
+        text += f" [{_number(row['ci_low'], digits)}, {_number(row['ci_high'], digits)}]"
+    return text
+
+
+def feature_table(summary: pd.DataFrame) -> list[str]:
+    """For every run whose target is written over features: each feature's E[φ] under the SFT
+    model and under the run's policy, the requested moment (— for a condition) and the run's KL."""
+    rows = summary[summary["metric"].astype(str).str.startswith("feature_")]
+    if rows.empty:
+        return []
+    kl = summary[(summary["metric"] == "kl_pi_sft") & (summary["policy"] == summary["run"])].set_index("run")["value"]
+    lines = ["| run | feature | requested E[φ] | SFT | aligned | KL(π‖SFT) |", "|---|---|---|---|---|---|"]
+    for (run, metric), part in rows.groupby(["run", "metric"], sort=True):
+        by_policy = part.set_index("policy")
+        if not {"sft", run} <= set(by_policy.index):
+            continue
+        requested = by_policy.loc[run].get("requested", float("nan"))
+        lines.append(f"| {run} ({by_policy.loc[run, 'divergence']}) | {metric.removeprefix('feature_')} | "
+                     f"{_number(requested, 2)} | {_with_interval(by_policy.loc['sft'], 3)} | "
+                     f"{_with_interval(by_policy.loc[run], 3)} | {_number(kl.get(run, float('nan')), 2)} |")
+    return ["Targets over features: E[φ] of each feature (95% bootstrap intervals over prompts):", "", *lines, ""]
+
+
 def run(*, summary_path, sft_metrics_path, reward_metrics_path, benchmark_dir, out_path) -> str:
     """Write the Markdown tables of one run to `out_path` and return them."""
     summary = read_parquet(summary_path, required=list(SUMMARY_COLUMNS), min_rows=1)
@@ -138,6 +164,7 @@ def run(*, summary_path, sft_metrics_path, reward_metrics_path, benchmark_dir, o
         "",
         *policy_table(summary),
         "",
+        *feature_table(summary),
         "Importance-sampling estimates of each run's own D_f(π‖p) (interval: ± z·standard error):",
         "",
         *divergence_lines(summary),
