@@ -63,6 +63,16 @@ def test_target_modules_that_match_nothing_name_the_key(lm_path):
                              key="alignment.runs.x")
 
 
+@pytest.mark.parametrize("train,adapted", [
+    ({"layers": 1}, {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}),
+    ({"target_modules": ["o_proj"]}, {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"}),
+])
+def test_layers_and_target_modules_choose_the_adapted_modules(lm_path, train, adapted):
+    model, _ = _load(lm_path)
+    trainable, _ = lora.policy_and_base(model, train_spec({"train": {**LORA, **train}}, "x"), key="x")
+    assert {n.split(".lora_")[0] for n, p in trainable.model.named_parameters() if p.requires_grad} == adapted
+
+
 def test_alignment_with_lora_holds_one_model_and_its_adapters(lm_path):
     """Today's policy is a deep copy of the base (two models); with LoRA the base is the policy
     with its adapters disabled: the weights are held once, plus the adapters."""

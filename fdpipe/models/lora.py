@@ -50,10 +50,13 @@ def add_adapters(model, spec: TrainSpec, *, key: str):
         if spec.layers > found:
             raise ConfigError(f"{key}.layers", f"null, or at most the model's {found} transformer blocks", spec.layers)
         layers = list(range(found - spec.layers, found))
+        if isinstance(spec.target_modules, str):   # peft selects blocks only among listed module names
+            raise ConfigError(f"{key}.target_modules", "a list of module names when train.layers is set",
+                              spec.target_modules)
     targets = list(spec.target_modules) if isinstance(spec.target_modules, tuple) else spec.target_modules
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        layers_to_transform=layers, bias="none")
     try:
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                            layers_to_transform=layers, bias="none")
         return get_peft_model(model, config)
     except ValueError as exc:   # no module matches target_modules, or no default for the architecture
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
