@@ -99,11 +99,10 @@ class EvalConfig:
             value = getattr(out, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}.{name}", "a positive integer", value)
-        if out.max_prompts is not None and (not isinstance(out.max_prompts, int) or out.max_prompts < 1):
-            raise ConfigError(f"{key}.max_prompts", "a positive integer or null", out.max_prompts)
-        mbs = out.micro_batch_size
-        if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
-            raise ConfigError(f"{key}.micro_batch_size", "a positive integer or null", mbs)
+        for name in ("max_prompts", "micro_batch_size"):
+            value = getattr(out, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{key}.{name}", "a positive integer or null", value)
         precisions.check(out.precision, f"{key}.precision")
         if not isinstance(out.confidence, (int, float)) or not 0 < out.confidence < 1:
             raise ConfigError(f"{key}.confidence", "a number in (0, 1)", out.confidence)
@@ -345,8 +344,7 @@ def run(policy: str, policy_model, sft_model, reward_model, prompts_path, sample
     t0 = time.perf_counter()
     model_path = policy_model if aligned else sft_model
     tokenizer = load_tokenizer(model_path)
-    options = {"precision": precisions.check(eval_cfg.precision, "evaluation.precision"),
-               "micro_batch_size": eval_cfg.micro_batch_size}
+    options = {"precision": eval_cfg.precision or "fp32", "micro_batch_size": eval_cfg.micro_batch_size}
     pi = CausalPolicy.for_tokenizer(load_causal_lm(model_path, dev), tokenizer,
                                     max_new_tokens=eval_cfg.max_new_tokens, **options)
     sft = None
