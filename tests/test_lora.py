@@ -160,3 +160,25 @@ def test_sft_with_lora_saves_merged_weights_and_keeps_only_adapters_in_its_state
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
     assert (tmp_path / "model" / lora.ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+def test_a_reward_model_with_lora_trains_adapters_and_head_and_saves_merged(tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=1))
+    trainable = lora.prepare(model, train_spec({"train": LORA}, "reward"), key="reward", train_head=True)
+    names = {n for n, p in trainable.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in names) and any("classifier" in n for n in names)
+    assert all("lora_" in n or "classifier" in n for n in names)
+    with torch.no_grad():
+        for p in trainable.params:
+            p.add_(0.1 * torch.randn_like(p))
+        ids = torch.tensor([[1, 5, 7, 9, 2]])
+        expected = trainable.model.eval()(input_ids=ids).logits
+    trainable.export(tmp_path).save_pretrained(tmp_path)
+    assert (tmp_path / lora.ADAPTER_DIR / "adapter_config.json").is_file()
+    with torch.no_grad():
+        got = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

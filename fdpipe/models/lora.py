@@ -35,10 +35,11 @@ log = logging.getLogger("fdpipe.models")
 ADAPTER_DIR = "adapter"
 
 
-def add_adapters(model, spec: TrainSpec, *, key: str):
+def add_adapters(model, spec: TrainSpec, *, key: str, head: bool = False):
     """Freeze `model` and inject LoRA adapters as `spec` says; returns the `peft.PeftModel`
-    wrapping it (`model` itself now holds the adapter layers). `key` (e.g. ``sft.train``) is
-    named in errors."""
+    wrapping it (`model` itself now holds the adapter layers). `head`: a sequence classifier
+    whose head trains in full beside the adapters (peft's ``SEQ_CLS`` task). `key` (e.g.
+    ``sft.train``) is named in errors."""
     from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
@@ -56,7 +57,7 @@ def add_adapters(model, spec: TrainSpec, *, key: str):
     targets = list(spec.target_modules) if isinstance(spec.target_modules, tuple) else spec.target_modules
     try:
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                            layers_to_transform=layers, bias="none")
+                            layers_to_transform=layers, bias="none", task_type="SEQ_CLS" if head else None)
         return get_peft_model(model, config)
     except ValueError as exc:   # no module matches target_modules, or no default for the architecture
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -81,18 +82,24 @@ class Trainable:
             return save_causal_lm(self.model, tokenizer, out_dir)
         out_dir = Path(out_dir)
         with atomic_dir(out_dir) as tmp:
-            self.peft.save_pretrained(Path(tmp) / ADAPTER_DIR)
-            merged = self.peft.merge_and_unload()
-            merged.save_pretrained(tmp)
+            self.export(tmp).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         log.info("saved model (LoRA adapters merged), its adapter and tokenizer to %s", out_dir)
         return out_dir
+
+    def export(self, folder):
+        """The model to ``save_pretrained`` into `folder`: with adapters, their merge into the
+        weights (in place), the adapter written to ``folder/adapter/`` first."""
+        if self.peft is None:
+            return self.model
+        self.peft.save_pretrained(Path(folder) / ADAPTER_DIR)
+        return self.peft.merge_and_unload()
 
 
 def prepare(model, spec: TrainSpec, *, key: str, train_head: bool = False) -> Trainable:
     """Make `model` train as `spec` says (`key`: the config section, e.g. ``sft``)."""
     if spec.mode == "lora":
-        peft_model = add_adapters(model, spec, key=f"{key}.train")
+        peft_model = add_adapters(model, spec, key=f"{key}.train", head=train_head)
         inner = peft_model.get_base_model()
         return Trainable(inner, [p for p in inner.parameters() if p.requires_grad], peft_model)
     return Trainable(model, set_trainable(model, spec.train_layers, key=f"{key}.{spec.layers_key}",

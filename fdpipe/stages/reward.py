@@ -42,7 +42,8 @@ from fdpipe.common.io import atomic_dir, provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import seed_everything, set_threads
 from fdpipe.models import precision as precisions
 from fdpipe.models.reward_model import STATS_FILE, RewardModel, load_backbone
-from fdpipe.models.trainable import set_trainable
+from fdpipe.models import lora
+from fdpipe.models.trainable import train_spec
 from fdpipe.training import checkpoint, distributed, guards, optim
 from fdpipe.training.batches import batches_per_epoch, length_bucketed_batches, micro_batches
 from fdpipe.training.distributed import World
@@ -75,6 +76,7 @@ class RewardConfig:
     checkpoint_every: int = 50      # training state written every this many steps
     micro_batch_size: int | None = None  # pairs per forward/backward pass (None: the whole batch)
     precision: str | None = None    # fp32 | bf16 (None: fp32); autocast of the forward passes
+    train: dict | None = None       # what trains (fdpipe.models.trainable.train_spec); None: train_layers
 
     @classmethod
     def from_dict(cls, cfg: dict | None) -> "RewardConfig":
@@ -116,6 +118,7 @@ class RewardConfig:
              "a positive integer or null (the whole batch)")
         need("precision", self.precision is None or self.precision in precisions.PRECISIONS,
              f"one of {', '.join(precisions.PRECISIONS)}")
+        train_spec(dataclasses.asdict(self), "reward")
 
     def total_steps(self, n_pairs: int) -> int:
         """Optimizer steps of the whole run for a training set of `n_pairs` pairs."""
@@ -271,7 +274,8 @@ def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: Rew
     seed_everything(seed)
 
     model, tokenizer = load_backbone(backbone)
-    params = set_trainable(model, config.train_layers, key="reward.train_layers", train_head=True)
+    trainable = lora.prepare(model, train_spec(dataclasses.asdict(config), "reward"), key="reward", train_head=True)
+    model, params = trainable.model, trainable.params
     model.to(dev).train()
     scorer = RewardModel(model, tokenizer, max_length=config.max_length, precision=config.precision)
     total = config.total_steps(len(train))
@@ -342,7 +346,7 @@ def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: Rew
                  "description": "reward mean and std over the held-out rated sentences"}
         model.eval()
         with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(tmp)
+            trainable.export(tmp).save_pretrained(tmp)   # LoRA: adapters merged, the adapter in adapter/
             tokenizer.save_pretrained(tmp)
             (Path(tmp) / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
         meta = provenance({"reward": dataclasses.asdict(config), "backbone": backbone}, seed,
