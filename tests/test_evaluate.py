@@ -152,6 +152,24 @@ def test_sampling_is_seeded(assets, sft_eval, tmp_path):
     pd.testing.assert_frame_equal(read_parquet(tmp_path / "samples.parquet"), read_parquet(out / "samples.parquet"))
 
 
+def test_micro_batches_give_the_same_samples_and_bf16_evaluates(assets, sft_eval, tmp_path):
+    """evaluation.micro_batch_size: the same samples (log-probabilities to float32 rounding);
+    evaluation.precision: bf16 evaluates with float32 log-probabilities close to fp32's."""
+    out, _ = sft_eval
+    whole = read_parquet(out / "samples.parquet")
+    for name, extra in (("micro", {"micro_batch_size": 3}), ("bf16", {"precision": "bf16"})):
+        evaluate.run("sft", None, assets / "sft", assets / "reward", assets / "prompts_eval.parquet",
+                     tmp_path / name / "samples.parquet", tmp_path / name / "summary.parquet", {**CFG, **extra},
+                     seed=7, device="cpu")
+    micro = read_parquet(tmp_path / "micro" / "samples.parquet")
+    exact = ["prompt_id", "sample", "completion", "text", "length"]
+    pd.testing.assert_frame_equal(micro[exact], whole[exact])
+    for column in ("logp_policy", "logp_sft", "entropy", "reward"):
+        np.testing.assert_allclose(micro[column], whole[column], rtol=0, atol=1e-5)
+    bf16 = read_parquet(tmp_path / "bf16" / "samples.parquet")
+    assert bf16["logp_policy"].dtype == np.float64 and np.isfinite(bf16["logp_policy"]).all()
+
+
 def _aligned(assets, sft_eval, out, model):
     sft_out, _ = sft_eval
     return _run(assets, out, policy="run1", model=model, divergence="js", target_path=assets / "target.json",

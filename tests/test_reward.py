@@ -220,6 +220,21 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_backbone, data
     pd.testing.assert_frame_equal(ma, mb, atol=1e-5, rtol=1e-5)
 
 
+def test_lora_bf16_micro_batched_training_keeps_adapters_and_head_in_its_state(tiny_backbone, data, tmp_path,
+                                                                               monkeypatch):
+    cfg = {"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 0, "max_length": 16, "eval_every": 100,
+           "checkpoint_every": 1, "micro_batch_size": 3, "precision": "bf16", "train": {"mode": "lora", "rank": 4}}
+    monkeypatch.setattr(checkpoint, "remove_state", lambda path: None)   # keep the last state to read it
+    final = _run(tiny_backbone, data, tmp_path, cfg)
+    assert math.isfinite(final["pair_accuracy"])
+    trained = torch.load(tmp_path / "state.pt", weights_only=True)["trained"]
+    assert trained and all(".lora_" in n or "classifier" in n for n in trained)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (tmp_path / "model" / "adapter" / "adapter_config.json").is_file()
+    RewardModel.load(tmp_path / "model").score(["A fine film."])
+
+
 def test_state_of_another_run_stops_with_the_path(tiny_backbone, data, tmp_path):
     cfg = {"steps": 2, "batch_size": 4, "max_length": 16, "checkpoint_every": 1}
     checkpoint.save_state(tmp_path / "state.pt", "another run", step=1)

@@ -138,12 +138,12 @@ def test_killed_run_resumes_to_the_same_result(trained, assets, tmp_path, monkey
     out, straight = trained
     real, calls = sft.completion_loss, []
 
-    def dies_at_step_13(model, batch):
+    def dies_at_step_13(model, batch, *precision):
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 13:
                 raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, *precision)
 
     monkeypatch.setattr(sft, "completion_loss", dies_at_step_13)
     with pytest.raises(KeyboardInterrupt):
@@ -163,8 +163,8 @@ def test_killed_run_resumes_to_the_same_result(trained, assets, tmp_path, monkey
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_state(assets, tmp_path, monkeypatch):
     real, calls = sft.completion_loss, []
 
-    def nan_at_step_13(model, batch):
-        loss, n = real(model, batch)
+    def nan_at_step_13(model, batch, *precision):
+        loss, n = real(model, batch, *precision)
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 13:

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import tiny_assets
 from fdpipe.common.io import read_metadata
@@ -29,7 +30,8 @@ def test_whole_dag_outputs(finished_run):
     assert {"policy", "metric", "value", "ci_low", "ci_high"} <= set(summary.columns)
     assert set(summary["policy"]) >= {"sft", "rkl", "fkl", "js", "tv", "chi2", "rchi2"}
     curves = pd.read_parquet(work / "results/report/curves.parquet")
-    assert set(curves["run"]) == {"rkl", "fkl", "js", "tv", "chi2", "rchi2", "gdc_pointwise", "gdc_moments"}
+    assert set(curves["run"]) == {"rkl", "fkl", "js", "tv", "chi2", "rchi2", "gdc_pointwise", "gdc_moments",
+                                  "lora_bf16"}
     for name in ("summary", "curves"):
         meta = read_metadata(work / f"results/report/{name}.parquet")
         assert meta["config_hash"] and meta["packages"]["torch"]
@@ -82,6 +84,25 @@ def test_targets_over_features_on_the_language_model(finished_run):
     assert (samples["feature_has_e"] == samples["completion"].str.contains("e")).all()
 
 
+def test_a_lora_run_in_bf16_with_micro_batches(finished_run):
+    """Run lora_bf16: LoRA adapters, bf16 autocast, micro-batches of 3 of the step's 4 sequences;
+    the sampling/training log-prob gap is logged (at bf16 rounding level), the saved model is
+    the merged one and the adapter lies beside it."""
+    from transformers import AutoModelForCausalLM
+
+    work = finished_run
+    metrics = pd.read_parquet(work / "results/align/lora_bf16/metrics.parquet")
+    assert list(metrics["step"]) == [1, 2]
+    assert metrics["logprob_gap"].between(0, 0.05).all()
+    assert (work / "results/align/lora_bf16/model/adapter/adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(work / "results/align/lora_bf16/model").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(work / "results/sft/model").state_dict()
+    changed = {name for name in sft if not torch.equal(sft[name], merged[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
+    assert "lora" not in " ".join(merged)
+    assert "lora_bf16" in set(pd.read_parquet(work / "results/report/summary.parquet")["policy"])
+
+
 def test_logs_benchmarks_and_no_state_left(finished_run):
     work = finished_run
     for rule, name in [("prepare_data", "prepare_data"), ("sft", "sft"), ("train_reward", "train_reward"),
@@ -125,7 +146,7 @@ def test_sft_change_reruns_everything_downstream(finished_run, tmp_path):
     changed.write_text(TINY.read_text().replace("  steps: 4\n  batch_size: 8\n  lr: 1.0e-3",
                                                 "  steps: 5\n  batch_size: 8\n  lr: 1.0e-3", 1))
     jobs = planned_jobs(finished_run, configfile=changed)
-    assert jobs == {"sft": 1, "align": 8, "evaluate": 9, "report": 1, "all": 1}
+    assert jobs == {"sft": 1, "align": 9, "evaluate": 10, "report": 1, "all": 1}
 
 
 def test_bad_config_value_names_the_key(tmp_path):

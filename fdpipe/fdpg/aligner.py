@@ -25,7 +25,9 @@ this class; only the policy, the reward function and the prompts differ.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +40,7 @@ from fdpipe.common.errors import ConfigError
 from fdpipe.fdpg import divergences, estimators, update
 from fdpipe.fdpg.metrics import pool, step_metrics
 from fdpipe.fdpg.targets import Target
+from fdpipe.models import precision as precisions
 from fdpipe.models.policy import CausalPolicy, Samples
 from fdpipe.training import checkpoint, guards, optim
 from fdpipe.training.distributed import World
@@ -57,6 +60,8 @@ class AlignConfig:
     fit_samples: int = 256            # samples of a used to fit λ of a distributional target
     fit_tolerance: float = 1e-4
     token_kl: bool = True             # log kl_pi_a_tokens (one full-vocabulary pass over both models' logits)
+    micro_batch_size: int | None = None   # sequences per forward (and backward) pass; None: the whole batch
+    precision: str = "fp32"           # fp32 | bf16 (autocast of the forward passes, see fdpipe.models.precision)
 
     @classmethod
     def from_config(cls, cfg: dict, key: str) -> "AlignConfig":
@@ -73,10 +78,23 @@ class AlignConfig:
                 raise ConfigError(f"{key}.{name}", "a positive integer", getattr(out, name))
         if not out.lr > 0:
             raise ConfigError(f"{key}.lr", "a positive number", out.lr)
+        mbs = out.micro_batch_size
+        if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
+            raise ConfigError(f"{key}.micro_batch_size", "a positive integer or null", mbs)
+        out.precision = precisions.check(out.precision, f"{key}.precision")
         return out
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sample_rows(samples: Samples, rows: slice) -> Samples:
+    """The samples in the row range `rows` (tensors are views; the padded width is kept)."""
+    pick = lambda values: None if values is None else values[rows]
+    return dataclasses.replace(samples, input_ids=samples.input_ids[rows], attention_mask=samples.attention_mask[rows],
+                               completion_mask=samples.completion_mask[rows], prompt_index=samples.prompt_index[rows],
+                               prompt_keys=samples.prompt_keys[rows], sample_logprobs=samples.sample_logprobs[rows],
+                               texts=pick(samples.texts), completions=pick(samples.completions))
 
 
 class PromptCycle:
@@ -132,6 +150,8 @@ class Aligner:
         if target.over_features and feature_fn is None:
             raise ValueError(f"the target {target.describe()} is written over features: give a feature_fn")
         self.policy, self.base, self.reward_fn, self.target = policy, base, reward_fn, target
+        for model in (policy, base):   # sampling and scoring in micro-batches (None: whole batches)
+            model.micro_batch_size = cfg.micro_batch_size
         self.feature_fn = feature_fn
         self.prompts, self.cfg, self.generator, self.gold_fn = prompts, cfg, generator, gold_fn
         self.world = world
@@ -220,7 +240,11 @@ class Aligner:
         t_scored = time.perf_counter()
 
         policy.model.train()
-        scores = policy.score(samples, with_entropy=True, keep_logits=cfg.token_kl)
+        # with micro-batches the training forward/backward runs per micro-batch after the pooled
+        # quantities are known (`_backward_in_micro_batches`); this pass only scores
+        micro = cfg.micro_batch_size is not None and cfg.micro_batch_size < len(samples)
+        with torch.no_grad() if micro else contextlib.nullcontext():
+            scores = policy.score(samples, with_entropy=True, keep_logits=cfg.token_kl)
         log_pi = scores.logprobs
         log_pi_d = log_pi.detach().double()
         on_policy = self.proposal is None
@@ -245,12 +269,15 @@ class Aligner:
         rewards = update.pseudo_rewards(cfg.divergence, v["log_pi"], v["log_target"], log_z)
         advantages = (rewards - update.baseline(rewards, group, n_groups, cfg.baseline))[batch.mine]
         weights = None if on_policy else torch.exp(log_pi_d - log_q)     # π/q of this rank's samples
-        loss = update.surrogate_loss(log_pi, advantages, weights)
-        guards.check(self.step_count + 1, self.state_path, loss=loss.detach())
-        if world.size > 1:   # this rank's share of the whole batch's mean
-            loss = loss * (len(samples) / len(batch))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if micro:
+            loss = self._backward_in_micro_batches(samples, advantages, weights, len(samples) / len(batch))
+        else:
+            loss = update.surrogate_loss(log_pi, advantages, weights)
+            guards.check(self.step_count + 1, self.state_path, loss=loss.detach())
+            if world.size > 1:   # this rank's share of the whole batch's mean
+                loss = loss * (len(samples) / len(batch))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         world.sum_gradients(policy.trainable_parameters())
         grad_norm = optim.clipped_step(self.optimizer, policy.trainable_parameters(), cfg.grad_clip,
                                        step=self.step_count + 1, state_path=self.state_path)
@@ -268,6 +295,28 @@ class Aligner:
         self.step_count += 1
         metrics["step"] = self.step_count
         return metrics
+
+    def _backward_in_micro_batches(self, samples: Samples, advantages, weights, share: float) -> torch.Tensor:
+        """Accumulate the gradient of the surrogate loss over micro-batches of `samples`.
+
+        Advantages and importance weights come from the whole (global) batch and are constants
+        here; micro-batch ``m`` of ``n_m`` of this process's ``n`` samples contributes
+        ``surrogate_loss(m) · n_m / n · share`` (``share``: this process's part of the global
+        batch), so the losses add up to the whole batch's loss and the gradients to its
+        gradient. Returns that sum (detached).
+        """
+        size, n = self.cfg.micro_batch_size, len(samples)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float32, device=advantages.device)
+        for start in range(0, n, size):
+            rows = slice(start, min(start + size, n))
+            log_pi = self.policy.score(sample_rows(samples, rows)).logprobs
+            loss = update.surrogate_loss(log_pi, advantages[rows], None if weights is None else weights[rows])
+            guards.check(self.step_count + 1, self.state_path, loss=loss.detach())
+            loss = loss * ((rows.stop - rows.start) / n * share)
+            loss.backward()
+            total = total + loss.detach()
+        return total
 
     def _maybe_replace_proposal(self, log_pi, log_target, log_q, group, n_groups) -> bool:
         """Replace q by π_θ when ``E_p[log q − log π_θ] < 0`` (self-normalised per prompt)."""

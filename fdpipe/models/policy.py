@@ -22,6 +22,8 @@ import torch
 
 import fdpipe_kernels
 
+from fdpipe.models import precision as precisions
+
 
 @dataclass
 class Samples:
@@ -102,10 +104,14 @@ class CausalPolicy:
         pad_token_id: token used for padding (never scored).
         max_new_tokens: longest completion.
         tokenizer: optional, to decode texts.
+        precision: ``fp32`` or ``bf16``: forward passes run under `fdpipe.models.precision.autocast`
+            (the logits are upcast to float32 before any log-probability).
+        micro_batch_size: at most this many sequences per forward pass in `sample` and `score`
+            (None: the whole batch at once); the results do not depend on it.
     """
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
-                 tokenizer=None):
+                 tokenizer=None, precision: str = "fp32", micro_batch_size: int | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model = model
@@ -113,15 +119,17 @@ class CausalPolicy:
         self.pad_token_id = int(pad_token_id)
         self.max_new_tokens = int(max_new_tokens)
         self.tokenizer = tokenizer
+        self.precision = precision
+        self.micro_batch_size = micro_batch_size
         self._cache_kwarg: str | None = None
         self._keep_kwarg = False
 
     @classmethod
-    def for_tokenizer(cls, model, tokenizer, *, max_new_tokens: int, decode: bool = True) -> "CausalPolicy":
+    def for_tokenizer(cls, model, tokenizer, *, max_new_tokens: int, decode: bool = True, **options) -> "CausalPolicy":
         """A policy whose EOS and pad tokens are the tokenizer's; `decode` fills the texts of
-        its samples (the tokenizer is only used for that)."""
+        its samples (the tokenizer is only used for that); `options`: precision, micro_batch_size."""
         return cls(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   max_new_tokens=max_new_tokens, tokenizer=tokenizer if decode else None)
+                   max_new_tokens=max_new_tokens, tokenizer=tokenizer if decode else None, **options)
 
     @property
     def device(self) -> torch.device:
@@ -144,12 +152,29 @@ class CausalPolicy:
             self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
             self._keep_kwarg = "logits_to_keep" in params
         extra = {"logits_to_keep": 1} if last_only and self._keep_kwarg else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=use_cache, **{self._cache_kwarg: past}, **extra)
+        with precisions.autocast(self.precision, input_ids.device):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=use_cache, **{self._cache_kwarg: past}, **extra)
         cache = getattr(out, "cache", None)
         if cache is None:
             cache = getattr(out, "past_key_values", None)
-        return out.logits, cache
+        return precisions.upcast(out.logits), cache
+
+    def _row_chunks(self, batch: int) -> list[slice]:
+        """Row ranges of at most `micro_batch_size` sequences (one range without it)."""
+        size = self.micro_batch_size or batch
+        return [slice(start, min(start + size, batch)) for start in range(0, max(batch, 1), size)]
+
+    def _call_chunked(self, input_ids, attention_mask, position_ids, pasts, last_only=False):
+        """`_call` with caches on each row range of `_row_chunks`; returns the logits of every
+        row and the list of per-range caches (one range: exactly `_call`)."""
+        chunks = self._row_chunks(input_ids.shape[0])
+        pasts = pasts if pasts is not None else [None] * len(chunks)
+        outs = [self._call(input_ids[rows], attention_mask[rows], position_ids[rows], past=past, use_cache=True,
+                           last_only=last_only) for rows, past in zip(chunks, pasts)]
+        logits = outs[0][0] if len(outs) == 1 else torch.cat([o[0] for o in outs], dim=0)
+        caches = [o[1] for o in outs]
+        return logits, (caches if all(c is not None for c in caches) else None)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -172,7 +197,9 @@ class CausalPolicy:
         past, step_ids, step_pos = None, ids, positions
         try:
             for _ in range(self.max_new_tokens):
-                logits, past = self._call(step_ids, attn, step_pos, past=past, use_cache=True, last_only=True)
+                # micro-batches: each row range runs with its own cache; the draws below stay
+                # those of the whole batch, so the samples do not depend on micro_batch_size
+                logits, past = self._call_chunked(step_ids, attn, step_pos, past, last_only=True)
                 logits = logits[:, -1, :]
                 token = sample_categorical(torch.softmax(logits.double(), dim=-1), generator)
                 token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
@@ -219,12 +246,23 @@ class CausalPolicy:
 
     # ------------------------------------------------------------------ scoring
     def score(self, samples: Samples, *, with_entropy: bool = False, keep_logits: bool = False) -> SequenceScores:
-        """Log-probabilities of the completions (differentiable when grad is enabled)."""
-        logits, _ = self._call(samples.input_ids, samples.attention_mask,
-                               position_ids_from_mask(samples.attention_mask))
+        """Log-probabilities of the completions (differentiable when grad is enabled), computed
+        on row ranges of at most `micro_batch_size` sequences."""
+        chunks = self._row_chunks(len(samples))
+        parts = [self._score_rows(samples.input_ids[rows], samples.attention_mask[rows],
+                                  samples.completion_mask[rows], with_entropy, keep_logits) for rows in chunks]
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda name: (None if getattr(parts[0], name) is None
+                            else torch.cat([getattr(p, name) for p in parts], dim=0))
+        return SequenceScores(logprobs=cat("logprobs"), token_logprobs=cat("token_logprobs"),
+                              entropy=cat("entropy"), logits=cat("logits"))
+
+    def _score_rows(self, input_ids, attention_mask, completion_mask, with_entropy, keep_logits) -> SequenceScores:
+        logits, _ = self._call(input_ids, attention_mask, position_ids_from_mask(attention_mask))
         logits = logits[:, :-1, :]
-        targets = samples.input_ids[:, 1:]
-        mask = samples.completion_mask[:, 1:]
+        targets = input_ids[:, 1:]
+        mask = completion_mask[:, 1:]
         masked_targets = torch.where(mask, targets, torch.full_like(targets, -100))
         if with_entropy:
             tok_lp, entropy = fdpipe_kernels.token_logprobs(logits, masked_targets, with_entropy=True)

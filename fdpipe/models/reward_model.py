@@ -14,6 +14,7 @@ import torch
 
 from fdpipe.common.errors import ConfigError, DataError
 from fdpipe.common.runtime import pick_device
+from fdpipe.models import precision as precisions
 from fdpipe.models.trainable import eval_mode
 
 EMBEDDED = "embedded"
@@ -62,8 +63,9 @@ class RewardModel:
     """
 
     def __init__(self, model, tokenizer, *, max_length: int = 512, mean: float = 0.0,
-                 std: float = 1.0, normalize: bool = False):
+                 std: float = 1.0, normalize: bool = False, precision: str = "fp32"):
         self.model = model
+        self.precision = precision   # forward passes under fdpipe.models.precision.autocast
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.mean = float(mean)
@@ -117,7 +119,8 @@ class RewardModel:
                 idx = order[start:start + batch_size]
                 enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt").to(self.device)
-                out[idx] = self.model(**enc).logits[:, 0].float().cpu()
+                with precisions.autocast(self.precision, self.device):
+                    out[idx] = self.model(**enc).logits[:, 0].float().cpu()
         use_norm = self.normalize if normalize is None else normalize
         if use_norm:
             out = (out - self.mean) / max(self.std, 1e-12)

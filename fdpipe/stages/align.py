@@ -1,6 +1,10 @@
 """Alignment stage: one f-DPG run on a language model.
 
-Base ``a`` = the SFT model (frozen); the policy starts as a copy of it. The proxy reward is
+Base ``a`` = the SFT model (frozen); the policy starts as a copy of it, or, with
+``train.mode: lora``, is the same model with LoRA adapters, the base being that model with its
+adapters disabled (`fdpipe.models.lora.policy_and_base`: one copy of the weights).
+``precision`` and ``micro_batch_size`` (sampling, scoring and the training forward/backward in
+micro-batches) go to the policies and the `Aligner`. The proxy reward is
 the trained reward model (standardised with the mean and std of its held-out scores, so a
 run's ``beta`` or ``threshold`` is in units of reward standard deviations); the gold reward
 (VADER compound) is only reported. The loop itself is `fdpipe.fdpg.aligner.Aligner`.
@@ -19,7 +23,6 @@ removed after a successful run.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -34,10 +37,10 @@ from fdpipe.common.runtime import seed_everything, set_threads
 from fdpipe.fdpg.aligner import AlignConfig, Aligner, PromptCycle
 from fdpipe.fdpg.features import FeatureScorer
 from fdpipe.fdpg.targets import Target
-from fdpipe.models import causal_lm, gold
+from fdpipe.models import causal_lm, gold, lora
 from fdpipe.models.policy import CausalPolicy
 from fdpipe.models.reward_model import RewardModel
-from fdpipe.models.trainable import set_trainable
+from fdpipe.models.trainable import train_spec
 from fdpipe.training import checkpoint, distributed
 from fdpipe.training.distributed import World
 
@@ -64,6 +67,7 @@ def run(*, sft_model, reward_model, prompts_path, run_name: str, run_cfg: dict, 
     key = f"alignment.runs.{run_name}"
     cfg = AlignConfig.from_config(run_cfg, key)
     _target(run_cfg, key)
+    train_spec(run_cfg, key)
     distributed.check_processes(processes, f"{key}.processes")
     if cfg.prompts_per_step < processes:
         raise ConfigError(f"{key}.prompts_per_step", f"at least {key}.processes ({processes})", cfg.prompts_per_step)
@@ -105,22 +109,22 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     cfg = AlignConfig.from_config(run_cfg, key)
     target = _target(run_cfg, key)
     max_new_tokens = int(run_cfg.get("max_new_tokens", 24))
-    train_layers = int(run_cfg.get("train_layers", -1))
+    spec = train_spec(run_cfg, key)
     saves = checkpoint.SaveSchedule.from_config(run_cfg, default_steps=10)
     seed_everything(seed)
     fingerprint = checkpoint.fingerprint({"run": run_name, **run_cfg, "processes": world.size}, seed, {
         "sft_model": sft_model, "reward_model": reward_model, "prompts": prompts_path})
 
     tokenizer = causal_lm.load_tokenizer(sft_model)
-    base_model = causal_lm.load_causal_lm(sft_model, dev)
-    for p in base_model.parameters():
-        p.requires_grad_(False)
-    policy_model = copy.deepcopy(base_model)
-    n_train = sum(p.numel() for p in set_trainable(policy_model, train_layers, key=f"{key}.train_layers"))
-    log.info("run %s: %s on %s, %d trainable parameters, %d process(es)", run_name, cfg.divergence,
-             target.describe(), n_train, world.size)
-    policy = CausalPolicy.for_tokenizer(policy_model, tokenizer, max_new_tokens=max_new_tokens)
-    base = CausalPolicy.for_tokenizer(base_model, tokenizer, max_new_tokens=max_new_tokens)
+    # the policy and the frozen base a; with LoRA one model, the base with its adapters disabled
+    trainable, base_model = lora.policy_and_base(causal_lm.load_causal_lm(sft_model, dev), spec, key=key)
+    policy_model = trainable.model
+    n_train = sum(p.numel() for p in trainable.params)
+    log.info("run %s: %s on %s, %d trainable parameters (%s), %s, %d process(es)", run_name, cfg.divergence,
+             target.describe(), n_train, spec.mode, cfg.precision, world.size)
+    options = {"precision": cfg.precision, "micro_batch_size": cfg.micro_batch_size}
+    policy = CausalPolicy.for_tokenizer(policy_model, tokenizer, max_new_tokens=max_new_tokens, **options)
+    base = CausalPolicy.for_tokenizer(base_model, tokenizer, max_new_tokens=max_new_tokens, **options)
 
     scorer = RewardModel.load(reward_model, dev, normalize=True)
     reward_fn = lambda samples: scorer.score(samples.texts).to(dev)
@@ -168,7 +172,7 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     if world.is_main:
         meta = provenance({"run": run_name, **run_cfg}, seed, stage="align", processes=world.size)
         target_info = _target_info(target, aligner.lambda_fit)
-        causal_lm.save_causal_lm(policy_model, tokenizer, out_model)
+        trainable.save(tokenizer, out_model)   # LoRA: adapters merged, the adapter in out_model/adapter
         write_parquet(frame, out_metrics, meta)
         with atomic_path(out_target) as tmp:
             tmp.write_text(json.dumps(target_info, indent=2))

@@ -59,6 +59,7 @@ from fdpipe.common.tables import (FEATURE_SAMPLE_COLUMN, SAMPLE_COLUMNS, summary
 from fdpipe.fdpg import estimators
 from fdpipe.fdpg.features import FeatureScorer
 from fdpipe.fdpg.targets import Target
+from fdpipe.models import precision as precisions
 from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
 from fdpipe.models.gold import gold_reward
 from fdpipe.models.policy import CausalPolicy
@@ -86,6 +87,8 @@ class EvalConfig:
     confidence: float = 0.95         # interval coverage
     distinct_max_n: int = 3          # distinct-1..N
     bleu_max_n: int = 4              # n-gram order of self-BLEU
+    micro_batch_size: int | None = None  # sequences per forward pass when sampling and scoring (None: a whole batch)
+    precision: str | None = None     # fp32 | bf16 (None: fp32): autocast of the policies' forward passes
 
     @classmethod
     def from_dict(cls, cfg: dict | None, key: str = "evaluation") -> "EvalConfig":
@@ -96,8 +99,11 @@ class EvalConfig:
             value = getattr(out, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}.{name}", "a positive integer", value)
-        if out.max_prompts is not None and (not isinstance(out.max_prompts, int) or out.max_prompts < 1):
-            raise ConfigError(f"{key}.max_prompts", "a positive integer or null", out.max_prompts)
+        for name in ("max_prompts", "micro_batch_size"):
+            value = getattr(out, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{key}.{name}", "a positive integer or null", value)
+        precisions.check(out.precision, f"{key}.precision")
         if not isinstance(out.confidence, (int, float)) or not 0 < out.confidence < 1:
             raise ConfigError(f"{key}.confidence", "a number in (0, 1)", out.confidence)
         return out
@@ -338,12 +344,13 @@ def run(policy: str, policy_model, sft_model, reward_model, prompts_path, sample
     t0 = time.perf_counter()
     model_path = policy_model if aligned else sft_model
     tokenizer = load_tokenizer(model_path)
+    options = {"precision": eval_cfg.precision or "fp32", "micro_batch_size": eval_cfg.micro_batch_size}
     pi = CausalPolicy.for_tokenizer(load_causal_lm(model_path, dev), tokenizer,
-                                    max_new_tokens=eval_cfg.max_new_tokens)
+                                    max_new_tokens=eval_cfg.max_new_tokens, **options)
     sft = None
     if aligned:
         sft = CausalPolicy.for_tokenizer(load_causal_lm(sft_model, dev), tokenizer,
-                                         max_new_tokens=eval_cfg.max_new_tokens, decode=False)
+                                         max_new_tokens=eval_cfg.max_new_tokens, decode=False, **options)
     scorer = RewardModel.load(reward_model, dev)
     log.info("policy %s: %d prompts x %d samples, %d new tokens, device %s (models loaded in %.1f s)",
              policy, len(prompts), eval_cfg.samples_per_prompt, eval_cfg.max_new_tokens, dev,

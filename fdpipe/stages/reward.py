@@ -40,10 +40,12 @@ from fdpipe.common.config import known_keys
 from fdpipe.common.errors import ConfigError
 from fdpipe.common.io import atomic_dir, provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import seed_everything, set_threads
+from fdpipe.models import precision as precisions
 from fdpipe.models.reward_model import STATS_FILE, RewardModel, load_backbone
-from fdpipe.models.trainable import set_trainable
+from fdpipe.models import lora
+from fdpipe.models.trainable import train_spec
 from fdpipe.training import checkpoint, distributed, guards, optim
-from fdpipe.training.batches import batches_per_epoch, length_bucketed_batches
+from fdpipe.training.batches import batches_per_epoch, length_bucketed_batches, micro_batches
 from fdpipe.training.distributed import World
 
 log = logging.getLogger("fdpipe.reward")
@@ -73,6 +75,9 @@ class RewardConfig:
     train_layers: int = -1          # train the last k transformer blocks (+ pooler, head); -1: all
     checkpoint_every: int = 50      # training state written every this many steps
     checkpoint_seconds: float = 30.0  # ... and after any step ending this long after the last write
+    micro_batch_size: int | None = None  # pairs per forward/backward pass (None: the whole batch)
+    precision: str | None = None    # fp32 | bf16 (None: fp32); autocast of the forward passes
+    train: dict | None = None       # what trains (fdpipe.models.trainable.train_spec); None: train_layers
 
     @classmethod
     def from_dict(cls, cfg: dict | None) -> "RewardConfig":
@@ -111,6 +116,12 @@ class RewardConfig:
              "an integer >= 1")
         need("checkpoint_seconds", is_num(self.checkpoint_seconds) and math.isfinite(self.checkpoint_seconds)
              and self.checkpoint_seconds >= 0, "a number >= 0 (0 = save by steps only)")
+        need("micro_batch_size", self.micro_batch_size is None or (is_int(self.micro_batch_size)
+                                                                   and self.micro_batch_size >= 1),
+             "a positive integer or null (the whole batch)")
+        need("precision", self.precision is None or self.precision in precisions.PRECISIONS,
+             f"one of {', '.join(precisions.PRECISIONS)}")
+        train_spec(dataclasses.asdict(self), "reward")
 
     def total_steps(self, n_pairs: int) -> int:
         """Optimizer steps of the whole run for a training set of `n_pairs` pairs."""
@@ -198,6 +209,37 @@ def heldout_metrics(scorer: RewardModel, val: pd.DataFrame, ratings: pd.DataFram
     return metrics, rated
 
 
+def accumulate_gradients(model, enc, n_pairs: int, batch_size: int, config: RewardConfig, world: World, *,
+                         step: int, state_path, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the gradients and backpropagate the Bradley–Terry loss of this process's `n_pairs`
+    pairs (`enc`: the chosen texts, then the rejected ones) in micro-batches of
+    ``config.micro_batch_size`` pairs (None: all at once). Micro-batch ``m`` of ``n_m`` pairs
+    contributes its loss times ``n_m / batch_size`` (the global batch), so the losses add up to
+    the batch's loss and the gradients to its gradient (exactly so without dropout: each forward
+    draws its own dropout masks). Returns the rewards of the chosen and rejected texts (detached).
+    """
+    chunks = micro_batches(n_pairs, config.micro_batch_size)
+    optimizer.zero_grad(set_to_none=True)
+    chosen, rejected = [], []
+    for rows in chunks:
+        part = enc
+        if len(chunks) > 1:   # the chunk's chosen rows, then its rejected rows (same padded width)
+            pick = torch.cat([torch.arange(rows.start, rows.stop), torch.arange(rows.start, rows.stop) + n_pairs])
+            part = {key: value[pick.to(value.device)] for key, value in enc.items()}
+        with precisions.autocast(config.precision, enc["input_ids"].device):
+            r = model(**part).logits[:, 0].float()
+        m = rows.stop - rows.start
+        r_c, r_r = r[:m], r[m:]
+        loss = bt_loss(r_c, r_r, config.center_coef)
+        guards.check(step, state_path, loss=loss.detach())
+        if len(chunks) > 1 or world.size > 1:   # this part's share of the global batch's mean loss
+            loss = loss * (m / batch_size)
+        loss.backward()
+        chosen.append(r_c.detach())
+        rejected.append(r_r.detach())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
 def run(*, backbone: str, prefs_train_path, prefs_val_path, ratings_path, cfg: dict, seed: int,
         out_dir, metrics_path, state_path, device: str = "auto", threads: int | None = None,
         processes: int = 1) -> dict:
@@ -235,9 +277,10 @@ def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: Rew
     seed_everything(seed)
 
     model, tokenizer = load_backbone(backbone)
-    params = set_trainable(model, config.train_layers, key="reward.train_layers", train_head=True)
+    trainable = lora.prepare(model, train_spec(dataclasses.asdict(config), "reward"), key="reward", train_head=True)
+    model, params = trainable.model, trainable.params
     model.to(dev).train()
-    scorer = RewardModel(model, tokenizer, max_length=config.max_length)
+    scorer = RewardModel(model, tokenizer, max_length=config.max_length, precision=config.precision)
     total = config.total_steps(len(train))
     batch_size = min(config.batch_size, len(train))
     optimizer = optim.adamw(params, config.lr, config.weight_decay)
@@ -267,14 +310,8 @@ def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: Rew
         idx = world.shard(length_bucketed_batches(step, pair_lengths, batch_size, seed).tolist())
         enc = tokenizer([chosen[i] for i in idx] + [rejected[i] for i in idx], padding=True,
                         truncation=True, max_length=config.max_length, return_tensors="pt").to(dev)
-        r = model(**enc).logits[:, 0].float()
-        r_c, r_r = r[:len(idx)], r[len(idx):]
-        loss = bt_loss(r_c, r_r, config.center_coef)
-        guards.check(step + 1, state_path, loss=loss.detach())
-        if world.size > 1:   # this rank's share of the global batch's mean loss
-            loss = loss * (len(idx) / batch_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        r_c, r_r = accumulate_gradients(model, enc, len(idx), batch_size, config, world, step=step + 1,
+                                        state_path=state_path, optimizer=optimizer)
         world.sum_gradients(params)
         lr = scheduler.get_last_lr()[0]
         grad_norm = optim.clipped_step(optimizer, params, config.grad_clip, scheduler, step=step + 1,
@@ -314,7 +351,7 @@ def _train(backbone, prefs_train_path, prefs_val_path, ratings_path, config: Rew
                  "description": "reward mean and std over the held-out rated sentences"}
         model.eval()
         with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(tmp)
+            trainable.export(tmp).save_pretrained(tmp)   # LoRA: adapters merged, the adapter in adapter/
             tokenizer.save_pretrained(tmp)
             (Path(tmp) / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
         meta = provenance({"reward": dataclasses.asdict(config), "backbone": backbone}, seed,

@@ -8,7 +8,11 @@ Log-probabilities come from ``fdpipe_kernels.linear_token_logprobs`` on the fina
 and the LM-head weight, so the ``[tokens, vocabulary]`` logits never exist at once.
 
 Only the last ``sft.train_layers`` transformer blocks and the final norm train (``-1``:
-every parameter, embeddings and LM head included). The loop reads top to bottom: batch ->
+every parameter, embeddings and LM head included), or what ``sft.train`` says (``full``,
+``last_layers`` or ``lora``: adapters only, saved merged into the model and beside it in
+``adapter/``; `fdpipe.models.lora`). ``sft.precision: bf16`` runs the forward passes under
+bfloat16 autocast (`fdpipe.models.precision`) and ``sft.micro_batch_size`` cuts each batch
+into micro-batches whose gradients add up to the batch's (`accumulate_gradients`). The loop reads top to bottom: batch ->
 loss -> step -> (evaluate) -> (checkpoint). A checkpoint (``state.pt``: trained
 parameters, optimizer, scheduler, step, RNG, metrics so far) is written every
 ``checkpoint_every`` steps (and after any step ending ``checkpoint_seconds`` after the last
@@ -29,10 +33,12 @@ import torch
 from fdpipe.common.errors import ConfigError
 from fdpipe.common.io import provenance, read_parquet, write_parquet
 from fdpipe.common.runtime import seed_everything, set_threads
-from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer, save_causal_lm
-from fdpipe.models.trainable import eval_mode, set_trainable
+from fdpipe.models import lora
+from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
+from fdpipe.models.trainable import eval_mode, train_spec
 from fdpipe.training import checkpoint, distributed, guards, optim
-from fdpipe.training.batches import epoch_batches
+from fdpipe.models import precision as precisions
+from fdpipe.training.batches import epoch_batches, micro_batches
 from fdpipe.training.distributed import World
 
 log = logging.getLogger("fdpipe.sft")
@@ -62,6 +68,11 @@ def check_config(cfg: dict) -> None:
     v = cfg.get("train_layers")
     if not isinstance(v, int) or isinstance(v, bool) or v < -1:
         raise ConfigError("sft.train_layers", "an integer >= 0, or -1 for all parameters", v)
+    v = cfg.get("micro_batch_size")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        raise ConfigError("sft.micro_batch_size", "a positive integer or null (the whole batch)", v)
+    precisions.check(cfg.get("precision"), "sft.precision")
+    train_spec(cfg, "sft")
 
 
 # ---------------------------------------------------------------------------- examples
@@ -111,18 +122,24 @@ def collate(examples, pad_id: int, padding_side: str = "right") -> dict:
 
 # ---------------------------------------------------------------------------- model
 
-def token_logprobs(model, batch: dict) -> torch.Tensor:
+def token_logprobs(model, batch: dict, precision: str = "fp32") -> torch.Tensor:
     """log p(token t | tokens < t) for t = 1..T-1, [B, T-1]; 0 where the label is -100.
 
     Runs the decoder for the final hidden states and lets `fdpipe_kernels.linear_token_logprobs`
     apply the LM head in chunks, on the labelled (completion) positions only: the LM head
     over a 49k vocabulary costs as much as several transformer blocks, and prompt and
     padding positions would only give zeros.
+
+    With ``precision: bf16`` the decoder runs under autocast (`fdpipe.models.precision`); the
+    fused LM head and its log-softmax take the hidden states upcast to float32 and run outside
+    autocast (their backward recomputes the logits, which must see the same dtypes).
     """
     import fdpipe_kernels
 
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    with precisions.autocast(precision, batch["input_ids"].device):
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    hidden = precisions.upcast(hidden)
     head = model.get_output_embeddings()
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
@@ -132,27 +149,55 @@ def token_logprobs(model, batch: dict) -> torch.Tensor:
     return logp.masked_scatter(keep, picked)
 
 
-def completion_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+def completion_loss(model, batch: dict, precision: str = "fp32") -> tuple[torch.Tensor, int]:
     """Mean negative log-probability over completion tokens, and their number."""
-    logp = token_logprobs(model, batch)
+    logp = token_logprobs(model, batch, precision)
     n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
     return -logp.sum() / max(n_tokens, 1), n_tokens
 
 
-def validation_loss(model, batches, device, world: World = World()) -> dict[str, float]:
+def validation_loss(model, batches, device, world: World = World(), precision: str = "fp32",
+                    micro_batch_size: int | None = None) -> dict[str, float]:
     """Token-weighted mean completion loss and its perplexity over `batches` (over every
-    rank's batches when several processes share them)."""
+    rank's batches when several processes share them), `micro_batch_size` rows at a time."""
     total, count = 0.0, 0
     with eval_mode(model):
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss, n = completion_loss(model, batch)
-            total += float(loss) * n
-            count += n
+            for rows in micro_batches(batch["input_ids"].shape[0], micro_batch_size):
+                part = {k: v[rows].to(device) for k, v in batch.items()}
+                loss, n = completion_loss(model, part, precision)
+                total += float(loss) * n
+                count += n
     if world.size > 1:
         total, count = world.sum(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def accumulate_gradients(model, batch: dict, micro_batch_size: int | None, precision: str, world: World, *,
+                         step: int, state_path, optimizer) -> torch.Tensor:
+    """Zero the gradients, then backpropagate the batch's mean completion loss micro-batch by
+    micro-batch (rows of the collated batch; None: the whole batch at once). Micro-batch ``m``
+    with ``n_m`` of the batch's ``N`` completion tokens (``N`` over every process) contributes
+    its mean loss times ``n_m / N``, so the losses add up to the batch's mean loss and the
+    gradients to its gradient. Returns this process's part of that loss (detached).
+    """
+    n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+    chunks = micro_batches(batch["input_ids"].shape[0], micro_batch_size)
+    total_tokens = n_tokens
+    if world.size > 1:
+        total_tokens = float(world.sum(torch.tensor(n_tokens, device=batch["input_ids"].device)))
+    optimizer.zero_grad(set_to_none=True)
+    total = None
+    for rows in chunks:
+        part = {key: value[rows] for key, value in batch.items()}
+        loss, part_tokens = completion_loss(model, part, precision)
+        guards.check(step, state_path, loss=loss.detach())
+        if len(chunks) > 1 or world.size > 1:   # this part's share of the global batch's mean loss
+            loss = loss * (part_tokens / total_tokens)
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
 
 
 # ---------------------------------------------------------------------------- stage
@@ -187,6 +232,7 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
     from tqdm.auto import tqdm
 
     seed_everything(seed)
+    precision, micro = precisions.check(cfg.get("precision"), "sft.precision"), cfg.get("micro_batch_size")
     fingerprint = checkpoint.fingerprint({**cfg, "processes": world.size}, seed,
                                          {"model": model_path, "train": train_path, "val": val_path})
 
@@ -203,7 +249,8 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
     val_batches = [collate([val_ex[i] for i in val_order[j:j + bs]], tokenizer.pad_token_id)
                    for j in range(0, len(val_order), bs)]
 
-    params = set_trainable(model, cfg["train_layers"], key="sft.train_layers")
+    trainable = lora.prepare(model, train_spec(cfg, "sft"), key="sft")
+    params = trainable.params
     n_train = sum(p.numel() for p in params)
     log.info("model %s: %.1fM of %.1fM parameters train; %d train / %d val examples; device %s; %d process(es)",
              model_path, n_train / 1e6, sum(p.numel() for p in model.parameters()) / 1e6,
@@ -225,7 +272,7 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
                        for k, v in values.items())
 
     if start == 0:
-        val = validation_loss(model, world.shard(val_batches), device, world)
+        val = validation_loss(model, world.shard(val_batches), device, world, precision, micro)
         record(0, "val", val)
         log.info("step 0: val loss %.4f", val["loss"])
 
@@ -237,12 +284,8 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
         idx = world.shard(epoch_batches(step, bs, len(train_ex), seed))
         batch = {k: v.to(device) for k, v in
                  collate([train_ex[i] for i in idx], tokenizer.pad_token_id).items()}
-        loss, n_tokens = completion_loss(model, batch)
-        guards.check(step + 1, state_path, loss=loss.detach())
-        if world.size > 1:   # this rank's share of the global batch's mean loss
-            loss = loss * (n_tokens / float(world.sum(torch.tensor(n_tokens, device=device))))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_gradients(model, batch, micro, precision, world,
+                                    step=step + 1, state_path=state_path, optimizer=optimizer)
         world.sum_gradients(params)
         lr = scheduler.get_last_lr()[0]
         grad_norm = optim.clipped_step(optimizer, params, cfg["grad_clip"], scheduler, step=step + 1,
@@ -259,7 +302,7 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
             log.info("step %d/%d: train loss %.4f (%.2f s/step)", done, cfg["steps"], value,
                      seconds)
         if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
-            val = validation_loss(model, world.shard(val_batches), device, world)
+            val = validation_loss(model, world.shard(val_batches), device, world, precision, micro)
             record(done, "val", val)
             log.info("step %d: train loss %.4f, val loss %.4f", done, value, val["loss"])
         if world.is_main and (saves.due(done) or done == cfg["steps"]):
@@ -274,7 +317,7 @@ def _train(model_path, train_path, val_path, cfg, seed, out_dir, metrics_path, s
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-        save_causal_lm(model, tokenizer, out_dir)
+        trainable.save(tokenizer, out_dir)   # LoRA: adapters merged, the adapter in out_dir/adapter
         write_parquet(table, metrics_path, provenance(cfg, seed, stage="sft", model=str(model_path),
                                                       trained_parameters=n_train, processes=world.size))
         checkpoint.remove_state(state_path)

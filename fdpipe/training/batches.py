@@ -54,3 +54,10 @@ def length_bucketed_batches(step: int, lengths, batch_size: int, seed: int) -> t
         batches += list(part.split(batch_size))
     order = torch.randperm(len(batches), generator=gen)
     return batches[order[j]]
+
+
+def micro_batches(n: int, micro_batch_size: int | None) -> list[slice]:
+    """Row ranges that cut a batch of `n` rows into micro-batches of at most
+    `micro_batch_size` rows (None: one range, the whole batch)."""
+    size = micro_batch_size or max(n, 1)
+    return [slice(start, min(start + size, n)) for start in range(0, max(n, 1), size)]

@@ -73,8 +73,12 @@ def get_final_output():
 
 
 def stage_settings(section):
-    """A config section without its `processes` key: the stage's settings."""
-    return {key: value for key, value in section.items() if key != "processes"}
+    """A config section without its `processes` key, its `precision` resolved (null: the
+    top-level precision): the stage's settings."""
+    settings = {key: value for key, value in section.items() if key != "processes"}
+    if "precision" in settings and settings["precision"] is None:
+        settings["precision"] = config["precision"]
+    return settings
 
 
 def job_gpus(processes=1):

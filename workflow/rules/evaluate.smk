@@ -35,7 +35,7 @@ rule evaluate:
         gpu=job_gpus(),
         mem_mb=6000,
     params:
-        evaluation=config["evaluation"],
+        evaluation=stage_settings(config["evaluation"]),
         seed=config["seed"],
         device=config["device"],
         # the part of the run's config that its evaluation reads (empty for sft)
