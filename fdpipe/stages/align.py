@@ -38,6 +38,7 @@ from fdpipe.models import causal_lm, gold
 from fdpipe.models.policy import CausalPolicy
 from fdpipe.models.reward_model import RewardModel
 from fdpipe.models.trainable import set_trainable
+from fdpipe.models.trunk import TrunkSplit
 from fdpipe.training import checkpoint, distributed
 from fdpipe.training.distributed import World
 
@@ -119,8 +120,12 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     n_train = sum(p.numel() for p in set_trainable(policy_model, train_layers, key=f"{key}.train_layers"))
     log.info("run %s: %s on %s, %d trainable parameters, %d process(es)", run_name, cfg.divergence,
              target.describe(), n_train, world.size)
-    policy = CausalPolicy.for_tokenizer(policy_model, tokenizer, max_new_tokens=max_new_tokens)
-    base = CausalPolicy.for_tokenizer(base_model, tokenizer, max_new_tokens=max_new_tokens)
+    # the frozen first blocks are the base's: computed once per step and shared (None: full forwards)
+    trunk = TrunkSplit.of(base_model, train_layers)
+    if trunk is not None and not (trunk.trunk_frozen(policy_model) and trunk.shares_trunk_with(policy_model)):
+        trunk = None
+    policy = CausalPolicy.for_tokenizer(policy_model, tokenizer, max_new_tokens=max_new_tokens, trunk=trunk)
+    base = CausalPolicy.for_tokenizer(base_model, tokenizer, max_new_tokens=max_new_tokens, trunk=trunk)
 
     scorer = RewardModel.load(reward_model, dev, normalize=True)
     reward_fn = lambda samples: scorer.score(samples.texts).to(dev)
