@@ -141,3 +141,23 @@ def test_aligner_step_equals_full_forward_step():
     for key in ("objective", "kl_pi_a", "kl_pi_a_tokens", "entropy_per_token", "logprob_gap", "grad_norm"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-8, abs=1e-10), key
     assert all(torch.allclose(a, b, atol=1e-10, rtol=0) for a, b in zip(p1, p2))
+
+
+def test_common_trunk_is_the_longest_equal_prefix():
+    base = tiny_llama(torch.float64)
+    assert TrunkSplit.common(base, base).head_layers == 0
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.model.layers[2].mlp.up_proj.weight.add_(1e-3)
+    split = TrunkSplit.common(other, base)
+    assert split.boundary == 2 and split.shares_trunk_with(base)
+    policy = CausalPolicy(other, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=6, trunk=split)
+    ref = CausalPolicy(base, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=6, trunk=split)
+    samples = policy.sample(PROMPTS, 2, generator=torch.Generator().manual_seed(3), capture_trunk=True)
+    for model in (policy, ref):
+        full = CausalPolicy(model.model, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=6)
+        assert torch.allclose(model.score(samples, with_entropy=True).logprobs,
+                              full.score(strip(samples), with_entropy=True).logprobs, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        other.model.embed_tokens.weight.add_(1e-3)
+    assert TrunkSplit.common(other, base) is None

@@ -33,6 +33,12 @@ def _backbone(model):
     return inner
 
 
+def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same parameters, value for value."""
+    pa, pb = list(a.parameters()), list(b.parameters())
+    return len(pa) == len(pb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
+
+
 def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask ``[B, 1, T, T]``: 0 where query i may see key j (j ≤ i, j not padding,
     or j = i), the dtype's lowest value elsewhere."""
@@ -76,6 +82,21 @@ class TrunkSplit:
             return None
         return cls(model, train_layers)
 
+    @classmethod
+    def common(cls, model, other) -> "TrunkSplit | None":
+        """The split of `model` whose trunk is the longest run of first blocks (embeddings
+        included) equal in `model` and `other`; None when the embeddings differ or either is not
+        Llama-style. ``common(m, m)`` leaves only the final norm and LM head in the head."""
+        mine, theirs = _backbone(model), _backbone(other)
+        if mine is None or theirs is None or len(mine.layers) != len(theirs.layers):
+            return None
+        if not _equal(mine.embed_tokens, theirs.embed_tokens):
+            return None
+        boundary = 0
+        while boundary < len(mine.layers) and _equal(mine.layers[boundary], theirs.layers[boundary]):
+            boundary += 1
+        return cls(model, len(mine.layers) - boundary)
+
     def shares_trunk_with(self, other) -> bool:
         """True when `other` has the same architecture and trunk weights equal to this split's."""
         mine, theirs = _backbone(self.model), _backbone(other)
@@ -83,11 +104,7 @@ class TrunkSplit:
             return False
         pairs = [(mine.embed_tokens, theirs.embed_tokens)]
         pairs += [(mine.layers[i], theirs.layers[i]) for i in range(self.boundary)]
-        for a, b in pairs:
-            pa, pb = list(a.parameters()), list(b.parameters())
-            if len(pa) != len(pb) or any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(pa, pb)):
-                return False
-        return True
+        return all(_equal(a, b) for a, b in pairs)
 
     def trunk_frozen(self, model) -> bool:
         """True when none of `model`'s trunk parameters (embeddings, first blocks) trains."""
