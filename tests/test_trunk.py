@@ -161,3 +161,46 @@ def test_common_trunk_is_the_longest_equal_prefix():
     with torch.no_grad():
         other.model.embed_tokens.weight.add_(1e-3)
     assert TrunkSplit.common(other, base) is None
+
+
+def test_align_stage_with_the_shared_trunk_equals_full_forwards(tmp_path, monkeypatch):
+    """The align stage with train_layers 1 of 3: shared trunk and full forwards give the same run
+    (float32 noise), and the trained model shares its first 2 blocks with the SFT model."""
+    import pandas as pd
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    import tiny_assets
+    from fdpipe.common.io import read_parquet, write_parquet
+    from fdpipe.models.causal_lm import load_causal_lm
+    from fdpipe.stages import align
+
+    tiny_assets.build_tiny_lm(tmp_path / "lm", layers=3)
+    config = LlamaConfig.from_pretrained(tmp_path / "lm")
+    config.num_labels = 1
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "reward")
+    AutoTokenizer.from_pretrained(tmp_path / "lm").save_pretrained(tmp_path / "reward")
+    write_parquet(pd.DataFrame({"prompt_id": list("abcd"), "prompt": ["the movie is", "a film", "the plot", "it"]}),
+                  tmp_path / "prompts.parquet")
+    run_cfg = {"divergence": "rkl", "steps": 2, "prompts_per_step": 2, "samples_per_prompt": 3, "lr": 1e-2,
+               "train_layers": 1, "max_new_tokens": 5, "token_kl": True, "target": {"kind": "rlhf", "beta": 0.5}}
+    frames, heads = {}, []
+    original_head = TrunkSplit.head
+    monkeypatch.setattr(TrunkSplit, "head", lambda self, *a, **k: heads.append(1) or original_head(self, *a, **k))
+    for way in ("shared", "full"):
+        if way == "full":
+            assert len(heads) == 2 * 2   # base and policy heads, each step of the shared run
+            monkeypatch.setattr(align.TrunkSplit, "of", classmethod(lambda cls, model, k: None))
+        out = tmp_path / way
+        frames[way] = align.run(sft_model=tmp_path / "lm", reward_model=tmp_path / "reward",
+                                prompts_path=tmp_path / "prompts.parquet", run_name="r", run_cfg=run_cfg, seed=0,
+                                out_model=out / "model", out_metrics=out / "metrics.parquet",
+                                out_target=out / "target.json", state_path=out / "state.pt", device="cpu", threads=1)
+    shared, full = (read_parquet(tmp_path / w / "metrics.parquet") for w in ("shared", "full"))
+    for column in ("objective", "log_z", "kl_pi_a", "kl_pi_a_tokens", "reward_mean", "entropy_per_token", "grad_norm"):
+        assert shared[column].to_numpy() == pytest.approx(full[column].to_numpy(), rel=1e-4, abs=1e-5), column
+    assert (shared["logprob_gap"] < 1e-4).all()
+    a, b = (load_causal_lm(tmp_path / w / "model") for w in ("shared", "full"))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.parameters(), b.parameters()))
+    split = TrunkSplit.common(a, load_causal_lm(tmp_path / "lm"))
+    assert split is not None and split.boundary == 2
