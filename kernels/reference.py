@@ -174,12 +174,14 @@ class ReferenceLinearTokenLogprobsFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.args = (temperature, ignore_index, with_entropy, chunk)
         ctx.mark_non_differentiable(*([] if with_entropy else [entropy]))
+        ctx.set_materialize_grads(False)   # an unused output (entropy, often) arrives as None: not differentiated
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
         temperature, ignore_index, with_entropy, chunk = ctx.args
+        with_entropy = with_entropy and grad_entropy is not None
         cdt = compute_dtype(hidden.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w = weight.detach().to(cdt).requires_grad_(need_w)
@@ -196,7 +198,10 @@ class ReferenceLinearTokenLogprobsFunction(torch.autograd.Function):
                     logits = logits + b
                 t = targets[start:end]
                 lp, ent = _token_logprobs_2d(logits, t, t != ignore_index, temperature, with_entropy)
-                outputs, grads = [lp], [grad_logp[start:end].to(cdt)]
+                outputs, grads = [], []
+                if grad_logp is not None:
+                    outputs.append(lp)
+                    grads.append(grad_logp[start:end].to(cdt))
                 if with_entropy:
                     outputs.append(ent)
                     grads.append(grad_entropy[start:end].to(cdt))

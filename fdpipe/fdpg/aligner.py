@@ -159,6 +159,9 @@ class Aligner:
         self.optimizer = optim.adamw(policy.trainable_parameters(), cfg.lr)  # no weight decay: Adam
         self.log_z = estimators.RunningLogZ()
         self.proposal = self._frozen_copy(policy) if cfg.proposal == "offline" else None
+        # on-policy with a frozen trunk shared by policy and base: sampling records the trunk's
+        # hidden states and both scoring and training run only their heads on them
+        self.share_trunk = (self.proposal is None and policy.uses_trunk and policy.trunk is base.trunk)
         self.step_count = 0
         self.lambda_fit = None
 
@@ -166,6 +169,7 @@ class Aligner:
     def _frozen_copy(policy: CausalPolicy) -> CausalPolicy:
         clone = copy.copy(policy)
         clone.model = copy.deepcopy(policy.model).eval()
+        clone.trunk = None   # the proposal's samples are scored with full forwards
         for p in clone.model.parameters():
             p.requires_grad_(False)
         return clone
@@ -215,7 +219,8 @@ class Aligner:
         t_start = time.perf_counter()
         keys, prompt_tokens = (self.world.shard(part) for part in self.prompts.next_batch(cfg.prompts_per_step))
         sampler = self.proposal if self.proposal is not None else self.policy
-        samples = sampler.sample(prompt_tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
+        samples = sampler.sample(prompt_tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys,
+                                 capture_trunk=self.share_trunk)
         t_sampled = time.perf_counter()
         metrics = self.learn(samples)
         metrics.update(time_sample_s=t_sampled - t_start, time_step_s=time.perf_counter() - t_start)
@@ -228,6 +233,8 @@ class Aligner:
         t_learn = time.perf_counter()
         reward = self.reward_fn(samples).to(torch.float64)
         guards.check(self.step_count + 1, self.state_path, reward=reward)
+        if self.share_trunk:   # computed once here unless sampling recorded it
+            policy.attach_trunk(samples)
         with torch.no_grad():
             base_out = self.base.score(samples, keep_logits=cfg.token_kl)
         log_a = base_out.logprobs.double()

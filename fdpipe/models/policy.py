@@ -15,6 +15,7 @@ Conventions
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -108,10 +109,14 @@ class CausalPolicy:
             (the logits are upcast to float32 before any log-probability).
         micro_batch_size: at most this many sequences per forward pass in `sample` and `score`
             (None: the whole batch at once); the results do not depend on it.
+        trunk: optional `fdpipe.models.trunk.TrunkSplit` shared with other policies: sampling can
+            record the trunk's hidden states and `score` then runs only this model's head on
+            them (see `sample`'s ``capture_trunk``). Used in float32 without micro-batches only
+            (`uses_trunk`); otherwise every forward pass is a full one.
     """
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
-                 tokenizer=None, precision: str = "fp32", micro_batch_size: int | None = None):
+                 tokenizer=None, precision: str = "fp32", micro_batch_size: int | None = None, trunk=None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model = model
@@ -121,15 +126,23 @@ class CausalPolicy:
         self.tokenizer = tokenizer
         self.precision = precision
         self.micro_batch_size = micro_batch_size
+        self.trunk = trunk
+        self.share_prefill = True   # one prefill per prompt (False: one per sample, for comparisons)
         self._cache_kwarg: str | None = None
         self._keep_kwarg = False
 
     @classmethod
     def for_tokenizer(cls, model, tokenizer, *, max_new_tokens: int, decode: bool = True, **options) -> "CausalPolicy":
         """A policy whose EOS and pad tokens are the tokenizer's; `decode` fills the texts of
-        its samples (the tokenizer is only used for that); `options`: precision, micro_batch_size."""
+        its samples (the tokenizer is only used for that); `options`: precision,
+        micro_batch_size, trunk."""
         return cls(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    max_new_tokens=max_new_tokens, tokenizer=tokenizer if decode else None, **options)
+
+    @property
+    def uses_trunk(self) -> bool:
+        """True when the shared trunk is used: a trunk is set, float32, no micro-batches."""
+        return self.trunk is not None and self.precision in ("fp32", None) and self.micro_batch_size is None
 
     @property
     def device(self) -> torch.device:
@@ -179,45 +192,63 @@ class CausalPolicy:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], num_samples: int, *, generator: torch.Generator,
-               prompt_keys: list | None = None) -> Samples:
-        """Draw `num_samples` completions for each prompt (token lists) by ancestral sampling."""
+               prompt_keys: list | None = None, capture_trunk: bool = False) -> Samples:
+        """Draw `num_samples` completions for each prompt (token lists) by ancestral sampling.
+
+        Each prompt is encoded once (one prefill per prompt); its KV cache and last logits are
+        then repeated for its `num_samples` rows. With `capture_trunk` and a `trunk`, the hidden
+        states entering the trunk's first head block, which the decoding computes anyway, are
+        kept for every position in ``samples.extra["trunk_hidden"]`` ``[B, T, H]`` (zeros on
+        padding and on the last token, which is never fed), so that `score` of a policy sharing
+        the trunk runs its head only.
+        """
         device = self.device
-        repeated = [p for p in prompts for _ in range(num_samples)]
         keys = list(prompt_keys) if prompt_keys is not None else list(range(len(prompts)))
         sample_keys = [k for k in keys for _ in range(num_samples)]
         prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
-        ids, attn = left_pad(repeated, self.pad_token_id, device)
+        prompt_ids, prompt_attn = left_pad(prompts, self.pad_token_id, device)
+        ids, attn = prompt_ids[prompt_index], prompt_attn[prompt_index]
         batch, prompt_len = ids.shape
         positions = position_ids_from_mask(attn)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         total = torch.zeros(batch, dtype=torch.float32, device=device)
         new_tokens, new_mask = [], []
+        capture = capture_trunk and self.uses_trunk
+        # micro-batches: each row range runs with its own cache (no shared prefill); the draws
+        # below stay those of the whole batch, so the samples do not depend on micro_batch_size
+        chunked = len(self._row_chunks(batch)) > 1
         was_training = self.model.training
         self.model.eval()
-        past, step_ids, step_pos = None, ids, positions
         try:
-            for _ in range(self.max_new_tokens):
-                # micro-batches: each row range runs with its own cache; the draws below stay
-                # those of the whole batch, so the samples do not depend on micro_batch_size
-                logits, past = self._call_chunked(step_ids, attn, step_pos, past, last_only=True)
-                logits = logits[:, -1, :]
-                token = sample_categorical(torch.softmax(logits.double(), dim=-1), generator)
-                token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
-                lp = fdpipe_kernels.token_logprobs(logits, token)
-                total = total + torch.where(finished, torch.zeros_like(lp), lp)
-                new_tokens.append(token)
-                new_mask.append(~finished)
-                attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
-                next_pos = positions[:, -1:] + 1
-                positions = torch.cat([positions, next_pos], dim=1)
-                finished = finished | (token == self.eos_token_id)
-                if past is not None:
-                    step_ids, step_pos = token[:, None], next_pos
+            with (self.trunk.capture(self.model) if capture else contextlib.nullcontext([])) as chunks:
+                if chunked:
+                    logits, past = self._call_chunked(ids, attn, positions, None, last_only=True)
                 else:
-                    step_ids = torch.cat([ids] + [t[:, None] for t in new_tokens], dim=1)
-                    step_pos = positions
-                if bool(finished.all()):
-                    break
+                    logits, past = self._prefill(prompt_ids, prompt_attn, num_samples, ids, attn, chunks)
+                for step in range(self.max_new_tokens):
+                    if step > 0 and chunked:
+                        logits, past = self._call_chunked(step_ids, attn, step_pos, past, last_only=True)
+                    elif step > 0:
+                        logits, past = self._call(step_ids, attn, step_pos, past=past, use_cache=True,
+                                                  last_only=True)
+                    logits = logits[:, -1, :]
+                    token = sample_categorical(torch.softmax(logits.double(), dim=-1), generator)
+                    token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
+                    lp = fdpipe_kernels.token_logprobs(logits, token)
+                    total = total + torch.where(finished, torch.zeros_like(lp), lp)
+                    new_tokens.append(token)
+                    new_mask.append(~finished)
+                    attn = torch.cat([attn, (~finished).long()[:, None]], dim=1)
+                    next_pos = positions[:, -1:] + 1
+                    positions = torch.cat([positions, next_pos], dim=1)
+                    finished = finished | (token == self.eos_token_id)
+                    if past is not None:
+                        step_ids, step_pos = token[:, None], next_pos
+                    else:
+                        step_ids = torch.cat([ids] + [t[:, None] for t in new_tokens], dim=1)
+                        step_pos = positions
+                    if bool(finished.all()):
+                        break
         finally:
             self.model.train(was_training)
         completion = torch.stack(new_tokens, dim=1)
@@ -227,8 +258,44 @@ class CausalPolicy:
         samples = Samples(input_ids=input_ids, attention_mask=attn, completion_mask=completion_mask,
                           prompt_index=prompt_index, prompt_keys=sample_keys, sample_logprobs=total,
                           prompt_length=prompt_len)
+        if capture and chunks:
+            samples.extra.update(self._trunk_states(chunks, attn))
         if self.tokenizer is not None:
             self.decode(samples)
+        return samples
+
+    def _prefill(self, prompt_ids, prompt_attn, num_samples, ids, attn, chunks):
+        """Logits and cache after the prompts, for every sample row: computed once per prompt
+        and repeated `num_samples` times when the cache can be repeated (or there is none)."""
+        if num_samples == 1 or not self.share_prefill:
+            return self._call(ids, attn, position_ids_from_mask(attn), use_cache=True, last_only=True)
+        logits, past = self._call(prompt_ids, prompt_attn, position_ids_from_mask(prompt_attn),
+                                  use_cache=True, last_only=True)
+        if past is not None and not hasattr(past, "batch_repeat_interleave"):
+            chunks.clear()   # a cache that cannot be repeated: prefill every row
+            return self._call(ids, attn, position_ids_from_mask(attn), use_cache=True, last_only=True)
+        if past is not None:
+            past.batch_repeat_interleave(num_samples)
+        for i, chunk in enumerate(chunks):
+            chunks[i] = chunk.repeat_interleave(num_samples, dim=0)
+        return logits.repeat_interleave(num_samples, dim=0), past
+
+    def _trunk_states(self, chunks, attention_mask) -> dict:
+        """The recorded trunk outputs as one ``[B, T, H]`` tensor (zeros where masked)."""
+        hidden = torch.cat(chunks, dim=1)
+        width = attention_mask.shape[1]
+        if hidden.shape[1] < width:   # the last sampled token is never fed
+            pad = hidden.new_zeros(hidden.shape[0], width - hidden.shape[1], hidden.shape[2])
+            hidden = torch.cat([hidden, pad], dim=1)
+        hidden = torch.where(attention_mask[:, :, None].bool(), hidden, torch.zeros_like(hidden))
+        return {"trunk_hidden": hidden, "trunk": self.trunk}
+
+    def attach_trunk(self, samples: Samples) -> Samples:
+        """Compute the trunk's hidden states of `samples` (once) when sampling did not record them."""
+        if self.uses_trunk and samples.extra.get("trunk") is not self.trunk:
+            hidden = self.trunk.trunk(samples.input_ids, samples.attention_mask,
+                                      position_ids_from_mask(samples.attention_mask))
+            samples.extra.update(trunk_hidden=hidden, trunk=self.trunk)
         return samples
 
     def decode(self, samples: Samples) -> Samples:
@@ -246,23 +313,42 @@ class CausalPolicy:
 
     # ------------------------------------------------------------------ scoring
     def score(self, samples: Samples, *, with_entropy: bool = False, keep_logits: bool = False) -> SequenceScores:
-        """Log-probabilities of the completions (differentiable when grad is enabled), computed
-        on row ranges of at most `micro_batch_size` sequences."""
-        chunks = self._row_chunks(len(samples))
-        parts = [self._score_rows(samples.input_ids[rows], samples.attention_mask[rows],
-                                  samples.completion_mask[rows], with_entropy, keep_logits) for rows in chunks]
-        if len(parts) == 1:
-            return parts[0]
-        cat = lambda name: (None if getattr(parts[0], name) is None
-                            else torch.cat([getattr(p, name) for p in parts], dim=0))
-        return SequenceScores(logprobs=cat("logprobs"), token_logprobs=cat("token_logprobs"),
-                              entropy=cat("entropy"), logits=cat("logits"))
+        """Log-probabilities of the completions (differentiable when grad is enabled).
+
+        When `samples` carry the hidden states of this policy's trunk (``extra["trunk"]`` is
+        ``self.trunk``), only the head runs on them, and the LM head only on completion
+        positions (unless `keep_logits`); otherwise the full model runs, on row ranges of at
+        most `micro_batch_size` sequences.
+        """
+        if not (self.uses_trunk and samples.extra.get("trunk") is self.trunk):
+            parts = [self._score_rows(samples.input_ids[rows], samples.attention_mask[rows],
+                                      samples.completion_mask[rows], with_entropy, keep_logits)
+                     for rows in self._row_chunks(len(samples))]
+            if len(parts) == 1:
+                return parts[0]
+            cat = lambda name: (None if getattr(parts[0], name) is None
+                                else torch.cat([getattr(p, name) for p in parts], dim=0))
+            return SequenceScores(logprobs=cat("logprobs"), token_logprobs=cat("token_logprobs"),
+                                  entropy=cat("entropy"), logits=cat("logits"))
+        targets = samples.input_ids[:, 1:]
+        mask = samples.completion_mask[:, 1:]
+        attn = samples.attention_mask
+        final = self.trunk.head(self.model, samples.extra["trunk_hidden"], attn, position_ids_from_mask(attn))
+        final = final[:, :-1]
+        head = self.model.lm_head
+        if not keep_logits:
+            return self._linear_scores(final[mask], head, targets[mask], mask, with_entropy)
+        return self._token_scores(head(final), targets, mask, with_entropy, keep_logits)
 
     def _score_rows(self, input_ids, attention_mask, completion_mask, with_entropy, keep_logits) -> SequenceScores:
+        """Scores of some rows through the full model."""
         logits, _ = self._call(input_ids, attention_mask, position_ids_from_mask(attention_mask))
-        logits = logits[:, :-1, :]
-        targets = input_ids[:, 1:]
-        mask = completion_mask[:, 1:]
+        return self._token_scores(logits[:, :-1, :], input_ids[:, 1:], completion_mask[:, 1:], with_entropy,
+                                  keep_logits)
+
+    @staticmethod
+    def _token_scores(logits, targets, mask, with_entropy, keep_logits) -> SequenceScores:
+        """Scores from the logits ``[B, T-1, V]`` predicting `targets` where `mask` is set."""
         masked_targets = torch.where(mask, targets, torch.full_like(targets, -100))
         if with_entropy:
             tok_lp, entropy = fdpipe_kernels.token_logprobs(logits, masked_targets, with_entropy=True)
@@ -271,3 +357,15 @@ class CausalPolicy:
             tok_lp, entropy = fdpipe_kernels.token_logprobs(logits, masked_targets), None
         return SequenceScores(logprobs=tok_lp.sum(-1), token_logprobs=tok_lp, entropy=entropy,
                               logits=logits if keep_logits else None)
+
+    @staticmethod
+    def _linear_scores(hidden, head, targets, mask, with_entropy) -> SequenceScores:
+        """Scores from the final hidden states of the completion positions through the LM head."""
+        out = fdpipe_kernels.linear_token_logprobs(hidden, head.weight, targets, bias=getattr(head, "bias", None),
+                                                   with_entropy=with_entropy)
+        picked, ent = out if with_entropy else (out, None)
+        tok_lp = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+        entropy = None
+        if ent is not None:
+            entropy = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent.detach())
+        return SequenceScores(logprobs=tok_lp.sum(-1), token_logprobs=tok_lp, entropy=entropy, logits=None)

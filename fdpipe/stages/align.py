@@ -41,6 +41,7 @@ from fdpipe.models import causal_lm, gold, lora
 from fdpipe.models.policy import CausalPolicy
 from fdpipe.models.reward_model import RewardModel
 from fdpipe.models.trainable import train_spec
+from fdpipe.models.trunk import TrunkSplit
 from fdpipe.training import checkpoint, distributed
 from fdpipe.training.distributed import World
 
@@ -123,6 +124,11 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     log.info("run %s: %s on %s, %d trainable parameters (%s), %s, %d process(es)", run_name, cfg.divergence,
              target.describe(), n_train, spec.mode, cfg.precision, world.size)
     options = {"precision": cfg.precision, "micro_batch_size": cfg.micro_batch_size}
+    # the frozen first blocks are the base's: computed once per step and shared (None: full forwards)
+    trunk = TrunkSplit.of(base_model, spec.train_layers) if spec.mode != "lora" else None
+    if trunk is not None and not (trunk.trunk_frozen(policy_model) and trunk.shares_trunk_with(policy_model)):
+        trunk = None
+    options["trunk"] = trunk
     policy = CausalPolicy.for_tokenizer(policy_model, tokenizer, max_new_tokens=max_new_tokens, **options)
     base = CausalPolicy.for_tokenizer(base_model, tokenizer, max_new_tokens=max_new_tokens, **options)
 

@@ -63,6 +63,7 @@ from fdpipe.models import precision as precisions
 from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
 from fdpipe.models.gold import gold_reward
 from fdpipe.models.policy import CausalPolicy
+from fdpipe.models.trunk import TrunkSplit
 from fdpipe.models.reward_model import RewardModel
 
 log = logging.getLogger("fdpipe.evaluate")
@@ -184,7 +185,7 @@ def sample_policy(policy: CausalPolicy, prompts: pd.DataFrame, cfg: EvalConfig, 
     for start in tqdm(starts, desc=f"evaluate {name}", unit="batch", disable=not progress, mininterval=1.0):
         chunk = prompts.iloc[start:start + cfg.batch_prompts]
         samples = policy.sample(token_lists[start:start + len(chunk)], k, generator=generator,
-                                prompt_keys=chunk["prompt_id"].tolist())
+                                prompt_keys=chunk["prompt_id"].tolist(), capture_trunk=policy.trunk is not None)
         with torch.no_grad():
             scores = policy.score(samples, with_entropy=True)
             logp_sft = sft.score(samples).logprobs if sft is not None else scores.logprobs
@@ -351,6 +352,10 @@ def run(policy: str, policy_model, sft_model, reward_model, prompts_path, sample
     if aligned:
         sft = CausalPolicy.for_tokenizer(load_causal_lm(sft_model, dev), tokenizer,
                                          max_new_tokens=eval_cfg.max_new_tokens, decode=False, **options)
+    # the blocks shared with the SFT model (all, for itself) run once, while sampling; scoring runs the rest
+    pi.trunk = TrunkSplit.common(pi.model, sft.model if aligned else pi.model)
+    if sft is not None:
+        sft.trunk = pi.trunk
     scorer = RewardModel.load(reward_model, dev)
     log.info("policy %s: %d prompts x %d samples, %d new tokens, device %s (models loaded in %.1f s)",
              policy, len(prompts), eval_cfg.samples_per_prompt, eval_cfg.max_new_tokens, dev,

@@ -153,3 +153,20 @@ def test_repeatable_and_inputs_untouched(backend):
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(before, (hidden, weight, bias)))
+
+
+def test_unused_entropy_output_leaves_the_logprob_gradient_alone():
+    """The entropy output asked for but not used (detached) is not differentiated: the gradient of
+    the log-probabilities alone is the one without entropy, in float64."""
+    from fdpipe_kernels import reference
+
+    hidden, weight, bias, targets = make_inputs(7, 8, 50, seed=3, dtype=torch.float64)
+    grads = []
+    for with_entropy in (True, False):
+        h = hidden.detach().clone().requires_grad_(True)
+        out = reference.linear_token_logprobs(h, weight, targets, bias=bias, with_entropy=with_entropy,
+                                              chunk_size=3, out_dtype=None)
+        logp = out[0] if with_entropy else out
+        (logp * torch.arange(7, dtype=torch.float64)).sum().backward()
+        grads.append(h.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-14, rtol=0)

@@ -19,7 +19,7 @@ rule align:
         "benchmarks/align/{run}.tsv"
     conda:
         "../../environment.yml"
-    threads: lambda wc: job_threads(run_processes(wc.run))
+    threads: lambda wc: side_by_side_threads(run_processes(wc.run), len(run_names()))
     resources:
         # the run's processes (torchrun when > 1), one GPU each unless device is cpu
         processes=lambda wc: run_processes(wc.run),

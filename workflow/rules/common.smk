@@ -100,5 +100,18 @@ def job_threads(processes=1):
     return max(cores, processes)
 
 
+def side_by_side_threads(processes=1, jobs=1):
+    """Threads of a job that runs beside `jobs - 1` others of its rule (the align runs, the
+    evaluated policies): a local run splits --cores between them, at least one per process,
+    so that on 2 cores two one-thread align jobs run at once (measured faster than one
+    two-thread job after the other: README, "Time to result"). A cluster run asks for one
+    core per process, as job_threads does.
+    """
+    cores = workflow.resource_settings.cores
+    if workflow.remote_exec or cores is None or cores >= sys.maxsize:
+        return processes
+    return max(cores // max(jobs, 1), processes)
+
+
 wildcard_constraints:
     run="|".join(run_names()),

@@ -29,7 +29,7 @@ rule evaluate:
         policy="|".join(["sft"] + run_names()),
     conda:
         "../../environment.yml"
-    threads: job_threads()
+    threads: side_by_side_threads(1, len(run_names()) + 1)
     resources:
         # one process; a GPU unless device is cpu
         gpu=job_gpus(),
