@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tiny_dag import ENV, REPO, prepare, snakemake_args
+from tiny_dag import ENV, REPO, RUN_TIMEOUT_S, prepare, snakemake_args
 
 TARGET = "results/align/rkl/metrics.parquet"
 TIMING = ("seconds", "tokens_per_s", "elapsed_s")
@@ -45,7 +45,7 @@ def _seed(work: Path, finished: Path, parts: list[str]) -> None:
 def _recover(args) -> subprocess.CompletedProcess:
     """The README's recovery command."""
     return subprocess.run([sys.executable, str(REPO / "workflow" / "run.py"), *args], env=ENV,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 
 def _kill_when(args, state: Path, timeout: float = 300.0) -> None:

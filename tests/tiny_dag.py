@@ -12,6 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "config" / "tiny.yaml"
 # jobs run the torch reference of the kernels (Triton's interpreter would only slow them down)
 ENV = {**os.environ, "TRITON_INTERPRET": "0", "FDPIPE_KERNEL_BACKEND": "torch"}
+# a guard against a hung run, not a speed test: the whole tiny DAG takes 3-5 minutes on 2
+# idle cores and up to ~9 on a loaded machine
+RUN_TIMEOUT_S = 1500
 
 
 def prepare(work: Path) -> Path:
@@ -27,7 +30,7 @@ def snakemake_args(workdir, *args, configfile=TINY) -> list[str]:
 
 def snakemake(workdir, *args, configfile=TINY, check=True):
     cmd = [sys.executable, "-m", "snakemake", *snakemake_args(workdir, *args, configfile=configfile)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=RUN_TIMEOUT_S)
     if check and out.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}")
     return out
