@@ -191,3 +191,21 @@ def test_readme_tables_come_from_the_run(finished_run):
     assert f"| gdc_moments (js) | has_e | 0.60 | " in text
     assert f"| {moment.value:.3f} [{moment.ci_low:.3f}, {moment.ci_high:.3f}] |".replace("-", "−") in text
     assert "| gdc_pointwise (fkl) | positive | — | " in text
+
+
+def test_readme_tables_go_into_the_marked_block(tmp_path):
+    from fdpipe.common.errors import DataError
+    from fdpipe.stages.readme_tables import END, START, splice
+
+    readme, tables = tmp_path / "README.md", tmp_path / "tables.md"
+    readme.write_text(f"# x\n\nbefore\n{START}\nold numbers\n{END}\nafter\n")
+    tables.write_text("| new | numbers |\n")
+    splice(readme, tables)
+    assert readme.read_text() == f"# x\n\nbefore\n{START}\n| new | numbers |\n{END}\nafter\n"
+    splice(readme, tables)                                         # again: the same text
+    assert readme.read_text().count("new") == 1
+    readme.write_text("no markers\n")
+    with pytest.raises(DataError, match="expected one block between"):
+        splice(readme, tables)
+    with pytest.raises(DataError, match="no tables here"):
+        splice(readme, tmp_path / "missing.md")

@@ -174,3 +174,30 @@ def run(*, summary_path, sft_metrics_path, reward_metrics_path, benchmark_dir, o
         tmp.write_text(text)
     log.info("wrote %s", out_path)
     return text
+
+
+START, END = "<!-- readme_tables: start -->", "<!-- readme_tables: end -->"
+
+
+def splice(readme_path, tables_path) -> None:
+    """Replace the README's block between `START` and `END` by the tables at `tables_path`."""
+    from fdpipe.common.errors import DataError
+
+    readme, tables = Path(readme_path), Path(tables_path)
+    if not tables.is_file():
+        raise DataError(tables, "no tables here: run `snakemake --cores all results/report/readme_tables.md` first")
+    text = readme.read_text()
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise DataError(readme, f"expected one block between {START!r} and {END!r}")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    with atomic_path(readme) as tmp:
+        tmp.write_text(f"{head}{START}\n{tables.read_text().strip()}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    # python -m fdpipe.stages.readme_tables [README.md [results/report/readme_tables.md]]
+    import sys
+
+    args = sys.argv[1:]
+    splice(args[0] if args else "README.md", args[1] if len(args) > 1 else "results/report/readme_tables.md")
