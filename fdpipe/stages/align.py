@@ -123,7 +123,8 @@ def _train(sft_model, reward_model, prompts_path, run_name, run_cfg, seed, out_m
     n_train = sum(p.numel() for p in trainable.params)
     log.info("run %s: %s on %s, %d trainable parameters (%s), %s, %d process(es)", run_name, cfg.divergence,
              target.describe(), n_train, spec.mode, cfg.precision, world.size)
-    options = {"precision": cfg.precision, "micro_batch_size": cfg.micro_batch_size}
+    # micro_batch_size is set on both policies by the Aligner, which owns that setting
+    options = {"precision": cfg.precision}
     # the frozen first blocks are the base's: computed once per step and shared (None: full forwards)
     trunk = TrunkSplit.of(base_model, spec.train_layers) if spec.mode != "lora" else None
     if trunk is not None and not (trunk.trunk_frozen(policy_model) and trunk.shares_trunk_with(policy_model)):
