@@ -93,10 +93,7 @@ def policy_table(summary: pd.DataFrame) -> list[str]:
                 cells.append("—")
                 continue
             row = rows.loc[metric]
-            text = _number(row["value"], digits)
-            if interval and pd.notna(row["ci_low"]):
-                text += f" [{_number(row['ci_low'], digits)}, {_number(row['ci_high'], digits)}]"
-            cells.append(text)
+            cells.append(_with_interval(row, digits) if interval else _number(row["value"], digits))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
