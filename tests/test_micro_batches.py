@@ -20,7 +20,7 @@ from fdpipe.models.policy import CausalPolicy
 from fdpipe.models.reward_model import resolve_backbone
 from fdpipe.stages import reward, sft
 from fdpipe.training import optim
-from fdpipe.training.batches import micro_batches
+from fdpipe.training.batches import length_groups, micro_batches
 from fdpipe.training.distributed import World
 
 RTOL = 1e-5   # of the largest entry: float32 losses and log-probabilities
@@ -35,6 +35,17 @@ def test_micro_batches_cover_the_batch_once():
     assert micro_batches(7, None) == [slice(0, 7)]
     assert micro_batches(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
     assert micro_batches(2, 5) == [slice(0, 2)]
+
+
+def test_length_groups_cover_the_rows_once_and_cut_padding():
+    lengths = [40, 8, 41, 9, 10, 39, 7, 42]
+    groups = length_groups(lengths, overhead=16)
+    rows = torch.cat(groups).tolist()
+    assert sorted(rows) == list(range(8))
+    assert [sorted(lengths[i] for i in g.tolist()) for g in groups] == [[39, 40, 41, 42], [7, 8, 9, 10]]
+    assert len(length_groups(lengths, overhead=10_000)) == 1          # one more pass never pays
+    assert all(len(g) <= 3 for g in length_groups(lengths, max_rows=3))
+    assert length_groups([]) == []
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -117,8 +128,10 @@ def test_sft_gradient_in_micro_batches_equals_the_batch_gradient(tiny_lm, tmp_pa
     model, tok = tiny_lm
     model = causal_lm.load_causal_lm(model.name_or_path, dtype=torch.float64).train()
     examples = sft.encode_examples(tok, ["The film", "A", "I", "What a", "It", "The end", "So"],
-                                   [" was good.", " bad movie.", " liked it a lot.", " story.", " works.",
-                                    " is near.", " dull and long."], 24)
+                                   [" was good and then it was not good at all, and then it was good again.",
+                                    " bad movie.", " liked it a lot, a whole lot, more than any other film I saw.",
+                                    " story.", " works.", " is near.",
+                                    " dull and long and slow and dull and long and slow and dull and long."], 48)
     batch = sft.collate(examples, tok.pad_token_id)
     optimizer = optim.adamw(model.parameters(), 1e-3)
     out = {}
@@ -129,6 +142,13 @@ def test_sft_gradient_in_micro_batches_equals_the_batch_gradient(tiny_lm, tmp_pa
     assert out[3][0] == pytest.approx(out[None][0], rel=1e-6)
     assert float(out[None][1].abs().max()) > 1e-3
     assert_close(out[3][1], out[None][1])
+    # the reference: one forward over the whole padded batch, no length groups
+    assert len(sft.row_groups(batch)) > 1
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = sft.completion_loss(model, batch)
+    loss.backward()
+    assert float(loss) == pytest.approx(out[None][0], rel=1e-6)
+    assert_close(out[None][1], _grads(model))
 
 
 def test_reward_gradient_in_micro_batches_equals_the_batch_gradient(tmp_path):
@@ -151,3 +171,24 @@ def test_reward_gradient_in_micro_batches_equals_the_batch_gradient(tmp_path):
     torch.testing.assert_close(out[2][0], out[None][0], rtol=0, atol=1e-6)
     assert float(out[None][1].abs().max()) > 1e-4
     assert_close(out[2][1], out[None][1])
+
+
+def test_reward_in_length_groups_equals_one_padded_forward():
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("embedded"))
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=128, num_labels=1,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg).double().train()
+    long = "a long and winding review that goes on and on about the plot, the cast and the score " * 2
+    texts = ["Dull.", long, "Great.", long + "again", "Awful", "Fine film.", long + "!", "Superb."]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    assert len(reward.length_groups(enc["attention_mask"].sum(dim=1))) > 1
+    grouped = reward.grouped_rewards(model, enc, "fp32")
+    grouped.sum().backward()
+    g_grouped = _grads(model)
+    model.zero_grad(set_to_none=True)
+    whole = model(**enc).logits[:, 0]
+    whole.sum().backward()
+    torch.testing.assert_close(grouped.double(), whole.float().double(), rtol=0, atol=1e-6)
+    assert_close(g_grouped, _grads(model))

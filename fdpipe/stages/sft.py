@@ -11,8 +11,9 @@ Only the last ``sft.train_layers`` transformer blocks and the final norm train (
 every parameter, embeddings and LM head included), or what ``sft.train`` says (``full``,
 ``last_layers`` or ``lora``: adapters only, saved merged into the model and beside it in
 ``adapter/``; `fdpipe.models.lora`). ``sft.precision: bf16`` runs the forward passes under
-bfloat16 autocast (`fdpipe.models.precision`) and ``sft.micro_batch_size`` cuts each batch
-into micro-batches whose gradients add up to the batch's (`accumulate_gradients`). The loop reads top to bottom: batch ->
+bfloat16 autocast (`fdpipe.models.precision`) and each batch runs in groups of rows of
+similar length, padded only to their longest row, whose gradients add up to the batch's
+(`accumulate_gradients`; ``sft.micro_batch_size`` caps a group's rows). The loop reads top to bottom: batch ->
 loss -> step -> (evaluate) -> (checkpoint). A checkpoint (``state.pt``: trained
 parameters, optimizer, scheduler, step, RNG, metrics so far) is written every
 ``checkpoint_every`` steps (and after any step ending ``checkpoint_seconds`` after the last
@@ -38,7 +39,7 @@ from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
 from fdpipe.models.trainable import eval_mode, train_spec
 from fdpipe.training import checkpoint, distributed, guards, optim
 from fdpipe.models import precision as precisions
-from fdpipe.training.batches import epoch_batches, micro_batches
+from fdpipe.training.batches import epoch_batches, length_groups
 from fdpipe.training.distributed import World
 
 log = logging.getLogger("fdpipe.sft")
@@ -163,8 +164,8 @@ def validation_loss(model, batches, device, world: World = World(), precision: s
     total, count = 0.0, 0
     with eval_mode(model):
         for batch in batches:
-            for rows in micro_batches(batch["input_ids"].shape[0], micro_batch_size):
-                part = {k: v[rows].to(device) for k, v in batch.items()}
+            for part in row_groups(batch, micro_batch_size):
+                part = {k: v.to(device) for k, v in part.items()}
                 loss, n = completion_loss(model, part, precision)
                 total += float(loss) * n
                 count += n
@@ -174,23 +175,35 @@ def validation_loss(model, batches, device, world: World = World(), precision: s
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
+def row_groups(batch: dict, max_rows: int | None = None) -> list[dict]:
+    """The batch's rows in groups of similar length (`length_groups`, at most `max_rows` rows
+    each), every group cut to the columns its rows use: the same tokens with less padding.
+    Padding sits at one end of every row, so the used columns are one contiguous range."""
+    mask = batch["attention_mask"]
+    parts = []
+    for rows in length_groups(mask.sum(dim=1), max_rows):
+        used = mask[rows].any(dim=0)
+        parts.append({key: value[rows][:, used] for key, value in batch.items()})
+    return parts
+
+
 def accumulate_gradients(model, batch: dict, micro_batch_size: int | None, precision: str, world: World, *,
                          step: int, state_path, optimizer) -> torch.Tensor:
-    """Zero the gradients, then backpropagate the batch's mean completion loss micro-batch by
-    micro-batch (rows of the collated batch; None: the whole batch at once). Micro-batch ``m``
-    with ``n_m`` of the batch's ``N`` completion tokens (``N`` over every process) contributes
-    its mean loss times ``n_m / N``, so the losses add up to the batch's mean loss and the
-    gradients to its gradient. Returns this process's part of that loss (detached).
+    """Zero the gradients, then backpropagate the batch's mean completion loss group by group:
+    rows of similar length, each group padded only to its longest row and holding at most
+    `micro_batch_size` rows (`row_groups`; None: no row limit). Group ``m`` with ``n_m`` of the
+    batch's ``N`` completion tokens (``N`` over every process) contributes its mean loss times
+    ``n_m / N``, so the losses add up to the batch's mean loss and the gradients to its
+    gradient. Returns this process's part of that loss (detached).
     """
     n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-    chunks = micro_batches(batch["input_ids"].shape[0], micro_batch_size)
+    chunks = row_groups(batch, micro_batch_size)
     total_tokens = n_tokens
     if world.size > 1:
         total_tokens = float(world.sum(torch.tensor(n_tokens, device=batch["input_ids"].device)))
     optimizer.zero_grad(set_to_none=True)
     total = None
-    for rows in chunks:
-        part = {key: value[rows] for key, value in batch.items()}
+    for part in chunks:
         loss, part_tokens = completion_loss(model, part, precision)
         guards.check(step, state_path, loss=loss.detach())
         if len(chunks) > 1 or world.size > 1:   # this part's share of the global batch's mean loss
