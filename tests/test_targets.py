@@ -82,8 +82,10 @@ def test_exact_fit_on_the_toy_space_reproduces_the_moment(moment):
     assert abs(problem.exact().constraint_target - moment) < 1e-3
 
 
-def test_aligner_fits_lambda_on_base_samples_within_monte_carlo_error():
+@pytest.mark.parametrize("per_step, per_fit", [(32, None), (2, 32)])
+def test_aligner_fits_lambda_on_base_samples_within_monte_carlo_error(per_step, per_fit):
     """The Aligner's fit (self-normalised IS per prompt on `fit_samples` samples of a) reproduces the moment.
+    The fit draws ``fit_samples_per_prompt`` samples per prompt (default: a step's ``samples_per_prompt``).
 
     Its error in the exact moment is that of the average over prompts of per-prompt ratio
     estimators at the exact λ: se² = Σ_c E_a[w² (φ − m_c)²] / (n_c E_a[w]²) / C², w = e^{λφ},
@@ -95,11 +97,15 @@ def test_aligner_fits_lambda_on_base_samples_within_monte_carlo_error():
     exact_problem = toy.build_problem(SPACE, exact_target, reward_seed=1)
     target = Target("distributional", threshold=0.0, moment=moment)
     problem = toy.build_problem(SPACE, target, reward_seed=1, fit_exactly=False)
-    cfg = AlignConfig(divergence="fkl", prompts_per_step=2, samples_per_prompt=32, fit_samples=n, fit_tolerance=1e-8)
+    cfg = AlignConfig(divergence="fkl", prompts_per_step=2, samples_per_prompt=per_step, fit_samples=n,
+                      fit_samples_per_prompt=per_fit, fit_tolerance=1e-8)
     aligner = Aligner(problem.policy, problem.base, problem.reward, target,
                       PromptCycle(problem.prompt_keys(), problem.prompt_tokens(), 0), cfg,
                       generator=torch.Generator().manual_seed(0))
+    drawn, sample = [], problem.base.sample
+    problem.base.sample = lambda tokens, k, **kw: drawn.append(k) or sample(tokens, k, **kw)
     aligner.prepare_target()
+    assert drawn and set(drawn) == {32}
     assert target.lam is not None and aligner.lambda_fit.error < 1e-6
 
     ex = exact_problem.exact()

@@ -58,6 +58,7 @@ class AlignConfig:
     proposal: str = "online"          # online | offline
     grad_clip: float = 1.0
     fit_samples: int = 256            # samples of a used to fit λ of a distributional target
+    fit_samples_per_prompt: int | None = None   # of them per prompt (None: samples_per_prompt)
     fit_tolerance: float = 1e-4
     token_kl: bool = True             # log kl_pi_a_tokens (one full-vocabulary pass over both models' logits)
     micro_batch_size: int | None = None   # sequences per forward (and backward) pass; None: the whole batch
@@ -78,6 +79,9 @@ class AlignConfig:
                 raise ConfigError(f"{key}.{name}", "a positive integer", getattr(out, name))
         if not out.lr > 0:
             raise ConfigError(f"{key}.lr", "a positive number", out.lr)
+        per = out.fit_samples_per_prompt
+        if per is not None and (not isinstance(per, int) or isinstance(per, bool) or per < 1):
+            raise ConfigError(f"{key}.fit_samples_per_prompt", "a positive integer or null (samples_per_prompt)", per)
         mbs = out.micro_batch_size
         if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
             raise ConfigError(f"{key}.micro_batch_size", "a positive integer or null", mbs)
@@ -181,7 +185,10 @@ class Aligner:
         The target is conditional, so the matched moment is the average over prompts of
         ``E_{p(·|c)}[φ]``: weights are normalised within each prompt (samples of a prompt drawn
         in several batches are pooled by prompt key). Pooling all prompts together would instead
-        weight each prompt by its ``Z(c)``. Data-parallel, each process samples its share of the
+        weight each prompt by its ``Z(c)``. A prompt's self-normalised moment is biased with few
+        samples (a rare feature absent from all of a prompt's samples counts 0 whatever λ, so
+        λ comes out too large): ``fit_samples_per_prompt`` draws more samples per prompt for
+        the fit than a training step does; batches keep a step's number of rows. Data-parallel, each process samples its share of the
         prompts and the fit runs on the samples of every process. A moment the samples cannot
         reach stops here with a `ConfigError` naming it.
         """
@@ -190,13 +197,15 @@ class Aligner:
         cfg, world, target = self.cfg, self.world, self.target
         rewards, phis, groups, group_of_key = [], [], [], {}
         remaining = cfg.fit_samples
+        per_prompt = cfg.fit_samples_per_prompt or cfg.samples_per_prompt
+        batch_prompts = max(world.size, cfg.prompts_per_step * cfg.samples_per_prompt // per_prompt)  # rows of a step
         while remaining > 0:
-            n_prompts = min(cfg.prompts_per_step, math.ceil(remaining / cfg.samples_per_prompt))
+            n_prompts = min(batch_prompts, math.ceil(remaining / per_prompt))
             keys, tokens = (world.shard(part) for part in self.prompts.next_batch(n_prompts))
             reward = torch.zeros(0, dtype=torch.float64, device=self.policy.device)
             phi, sample_keys = torch.zeros((0, len(target.features)), dtype=torch.float64, device=reward.device), []
             if keys:
-                samples = self.base.sample(tokens, cfg.samples_per_prompt, generator=self.generator, prompt_keys=keys)
+                samples = self.base.sample(tokens, per_prompt, generator=self.generator, prompt_keys=keys)
                 reward, sample_keys = self.reward_fn(samples).double(), samples.prompt_keys
                 if target.over_features:
                     phi = self.feature_fn(samples, reward).double().to(reward.device)

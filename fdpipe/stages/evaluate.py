@@ -1,7 +1,6 @@
 """Evaluation stage: sample a policy on held-out prompts, score the samples, summarize.
 
 For one policy (the SFT model or an aligned run) `run` does, in order:
-
 1. draw ``samples_per_prompt`` completions for each held-out prompt by pure ancestral
    sampling (temperature 1, no top-k/top-p; seeded), in batches of ``batch_prompts`` prompts;
 2. score every sample: proxy reward (the reward model on the full text, prompt + completion,
@@ -28,11 +27,9 @@ model, and ``E[φ_k]`` is reported per policy (metric ``feature_<name>``, bootst
 over prompts) with the requested moment beside it (column ``requested``); the run's
 ``samples.parquet`` gets one ``feature_<name>`` column per feature.
 
-The proxy reward is stored twice: ``reward_raw`` (the reward model's score) and ``reward``,
-standardized with the mean and std of ``reward_stats.json`` — the scale alignment trains on,
-so it matches the training curves' ``reward_mean`` and the targets' ``beta``/``threshold``.
-A run's target is evaluated on ``reward`` when its ``target.json`` says
-``"reward_normalized": true`` and on ``reward_raw`` otherwise.
+The proxy reward is stored as ``reward_raw`` (the model's score) and ``reward`` (standardized
+by ``reward_stats.json``: the scale alignment trains on); a target is evaluated on ``reward``
+when its ``target.json`` says ``"reward_normalized": true``, on ``reward_raw`` otherwise.
 """
 from __future__ import annotations
 
