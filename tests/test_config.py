@@ -20,7 +20,10 @@ def default_config():
 def test_default_config_is_valid_and_gets_defaults():
     cfg = validate_config(default_config(), SCHEMA)
     assert cfg["alignment"]["defaults"]["checkpoint_every"] >= 1
-    assert set(cfg["alignment"]["runs"]) == {"rkl", "fkl", "js", "tv"}
+    runs = cfg["alignment"]["runs"]
+    assert set(runs) == {"rkl", "fkl", "js", "gdc_pointwise", "gdc_moments"}   # at most five align runs
+    assert {runs[r]["target"]["kind"] for r in ("gdc_pointwise", "gdc_moments")} == {"pointwise", "distributional"}
+    assert all(len(runs[r]["target"]["features"]) >= 2 for r in ("gdc_pointwise", "gdc_moments"))
 
 
 def test_empty_config_gets_every_default():
@@ -37,8 +40,8 @@ def test_empty_config_gets_every_default():
     (lambda c: c["data"].update(val_fraction="a"),
      "config key 'data.val_fraction': expected a value of type number, got 'a'"),
     (lambda c: c.update(bogus=1), "config key 'bogus': expected one of the known keys"),
-    (lambda c: c["alignment"]["runs"]["tv"].update(target={"kind": "rlhf", "beta": 0}),
-     "config key 'alignment.runs.tv.target.beta': expected a value > 0, got 0"),
+    (lambda c: c["alignment"]["runs"]["fkl"].update(target={"kind": "rlhf", "beta": 0}),
+     "config key 'alignment.runs.fkl.target.beta': expected a value > 0, got 0"),
 ])
 def test_bad_values_name_the_key(edit, message):
     cfg = default_config()

@@ -8,7 +8,7 @@ import yaml
 
 from fdpipe.common.config import merged_run_config, validate_config
 from fdpipe.common.errors import ConfigError
-from fdpipe.common.feature_specs import FeatureSpec, parse_definitions, parse_uses
+from fdpipe.common.feature_specs import FeatureSpec, check_features, parse_definitions, parse_uses
 from fdpipe.common.imports import load_callable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,11 +58,12 @@ def test_merged_run_config_brings_the_definitions_of_used_features_only():
     assert "features" not in merged_run_config(plain, "rkl")
 
 
-def test_a_valid_config_passes_and_the_default_config_has_no_features():
+def test_a_valid_config_passes_and_the_default_config_checks():
     validate_config(config(kind="distributional", features={"film": {"moment": 0.5}, "reward": {"moment": 0.2}}),
                     SCHEMA)
     default = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), SCHEMA)
-    assert default["alignment"]["features"] == {}
+    assert set(default["alignment"]["features"]) == {"positive", "film"}
+    check_features(default["alignment"])
 
 
 BAD = [
