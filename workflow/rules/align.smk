@@ -17,6 +17,9 @@ rule align:
         "logs/align/{run}.log",
     benchmark:
         "benchmarks/align/{run}.tsv"
+    # the longest jobs start first: an align job left waiting behind evaluations
+    # lengthens the whole run (the last one ran alone after them in the default run)
+    priority: 1
     conda:
         "../../environment.yml"
     threads: lambda wc: side_by_side_threads(run_processes(wc.run), len(run_names()))
