@@ -177,7 +177,13 @@ def main(argv=None) -> int:
     if not (run_dir / "results" / "report").is_dir():
         sys.exit(f"{run_dir}: expected a finished default run (results/report missing)")
     rows, s = table(run_dir, args.cores)
-    text = (f"Matrix products here: {s['rate_1_thread_gflops']:.1f} GFLOP/s on 1 thread, "
+    import datetime
+    import pyarrow.parquet as pq
+    from fdpipe.stages.readme_tables import machine
+    meta = json.loads(pq.read_schema(run_dir / "results" / "report" / "summary.parquet").metadata[b"fdpipe"])
+    text = (f"Run of commit `{meta.get('code_version', '?')}`, counted and timed on {datetime.date.today()}; machine: "
+            f"{machine()}; torch {torch.__version__}; `python docs/time_budget.py {args.run_dir}`.\n\n"
+            f"Matrix products here: {s['rate_1_thread_gflops']:.1f} GFLOP/s on 1 thread, "
             f"{s[f'rate_{args.cores}_threads_gflops']:.1f} on {args.cores}; best use of the machine "
             f"{s['best_rate_gflops']:.1f} GFLOP/s.\n\n{rows}\n\n"
             f"Work counted for the whole DAG: {s['total_tflop']:.1f} TFLOP, so no schedule on this machine "

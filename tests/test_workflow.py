@@ -30,7 +30,7 @@ def test_whole_dag_outputs(finished_run):
     assert {"policy", "metric", "value", "ci_low", "ci_high"} <= set(summary.columns)
     assert set(summary["policy"]) >= {"sft", "rkl", "fkl", "js", "tv", "chi2", "rchi2"}
     curves = pd.read_parquet(work / "results/report/curves.parquet")
-    assert set(curves["run"]) == {"rkl", "fkl", "js", "tv", "chi2", "rchi2", "gdc_pointwise", "gdc_moments",
+    assert set(curves["run"]) == {"rkl", "fkl", "js", "tv", "chi2", "rchi2", "feat_pointwise", "feat_moments",
                                   "lora_bf16"}
     for name in ("summary", "curves"):
         meta = read_metadata(work / f"results/report/{name}.parquet")
@@ -62,25 +62,25 @@ def test_targets_over_features_on_the_language_model(finished_run):
     """A 2-feature pointwise and a 2-feature distributional target: each feature's moment is
     logged per step and evaluated per policy, the requested moments beside them."""
     work = finished_run
-    moments = pd.read_parquet(work / "results/align/gdc_moments/metrics.parquet")
+    moments = pd.read_parquet(work / "results/align/feat_moments/metrics.parquet")
     assert {"feature_has_e", "feature_reward", "lambda_has_e", "lambda_reward"} <= set(moments.columns)
-    pointwise = pd.read_parquet(work / "results/align/gdc_pointwise/metrics.parquet")
+    pointwise = pd.read_parquet(work / "results/align/feat_pointwise/metrics.parquet")
     assert {"feature_positive", "feature_has_e"} <= set(pointwise.columns)
     assert not any(c.startswith("lambda_") for c in pointwise.columns)
     assert not any(c.startswith("feature_") for c in pd.read_parquet(work / "results/align/js/metrics.parquet"))
-    target = json.loads((work / "results/align/gdc_moments/target.json").read_text())
+    target = json.loads((work / "results/align/feat_moments/target.json").read_text())
     assert target["lambda_fit"]["moments"] == pytest.approx({"has_e": 0.6, "reward": 0.2}, abs=1e-3)
     summary = pd.read_parquet(work / "results/report/summary.parquet")
     rows = summary[summary["metric"].str.startswith("feature_")]
     assert set(zip(rows["run"], rows["metric"])) == {
-        ("gdc_pointwise", "feature_positive"), ("gdc_pointwise", "feature_has_e"),
-        ("gdc_moments", "feature_has_e"), ("gdc_moments", "feature_reward")}
-    assert set(rows["policy"]) == {"sft", "gdc_pointwise", "gdc_moments"}
-    requested = rows[rows["run"] == "gdc_moments"].groupby("metric")["requested"].first().to_dict()
+        ("feat_pointwise", "feature_positive"), ("feat_pointwise", "feature_has_e"),
+        ("feat_moments", "feature_has_e"), ("feat_moments", "feature_reward")}
+    assert set(rows["policy"]) == {"sft", "feat_pointwise", "feat_moments"}
+    requested = rows[rows["run"] == "feat_moments"].groupby("metric")["requested"].first().to_dict()
     assert requested == {"feature_has_e": 0.6, "feature_reward": 0.2}
-    assert rows[rows["run"] == "gdc_pointwise"]["requested"].isna().all()
+    assert rows[rows["run"] == "feat_pointwise"]["requested"].isna().all()
     assert summary[~summary["metric"].str.startswith("feature_")]["requested"].isna().all()
-    samples = pd.read_parquet(work / "results/eval/gdc_moments/samples.parquet")
+    samples = pd.read_parquet(work / "results/eval/feat_moments/samples.parquet")
     assert (samples["feature_has_e"] == samples["completion"].str.contains("e")).all()
 
 
@@ -187,10 +187,10 @@ def test_readme_tables_come_from_the_run(finished_run):
     sft_loss = pd.read_parquet(finished_run / "results/sft/metrics.parquet").query("split == 'val' and metric == 'loss'")
     assert f"to {sft_loss['value'].iloc[-1]:.3f}" in text
     # runs over features: each feature's moment under SFT and the run, the request beside it
-    moment = summary[(summary.policy == "gdc_moments") & (summary.metric == "feature_has_e")].iloc[0]
-    assert f"| gdc_moments (js) | has_e | 0.60 | " in text
+    moment = summary[(summary.policy == "feat_moments") & (summary.metric == "feature_has_e")].iloc[0]
+    assert f"| feat_moments (js) | has_e | 0.60 | " in text
     assert f"| {moment.value:.3f} [{moment.ci_low:.3f}, {moment.ci_high:.3f}] |".replace("-", "−") in text
-    assert "| gdc_pointwise (fkl) | positive | — | " in text
+    assert "| feat_pointwise (fkl) | positive | — | " in text
 
 
 def test_readme_tables_go_into_the_marked_block(tmp_path):
