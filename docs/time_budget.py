@@ -20,6 +20,7 @@ measured seconds of each job (benchmarks/<rule>/<name>.tsv) beside its floor.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 import time
@@ -27,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 import yaml
 from transformers import AutoTokenizer
+
+from fdpipe.stages.readme_tables import machine
 
 
 def matmul_rate(threads: int, repeats: int = 30) -> float:
@@ -177,9 +181,6 @@ def main(argv=None) -> int:
     if not (run_dir / "results" / "report").is_dir():
         sys.exit(f"{run_dir}: expected a finished default run (results/report missing)")
     rows, s = table(run_dir, args.cores)
-    import datetime
-    import pyarrow.parquet as pq
-    from fdpipe.stages.readme_tables import machine
     meta = json.loads(pq.read_schema(run_dir / "results" / "report" / "summary.parquet").metadata[b"fdpipe"])
     text = (f"Run of commit `{meta.get('code_version', '?')}`, counted and timed on {datetime.date.today()}; machine: "
             f"{machine()}; torch {torch.__version__}; `python docs/time_budget.py {args.run_dir}`.\n\n"

@@ -183,7 +183,7 @@ def test_reward_in_length_groups_equals_one_padded_forward():
     long = "a long and winding review that goes on and on about the plot, the cast and the score " * 2
     texts = ["Dull.", long, "Great.", long + "again", "Awful", "Fine film.", long + "!", "Superb."]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
-    assert len(reward.length_groups(enc["attention_mask"].sum(dim=1))) > 1
+    assert len(length_groups(enc["attention_mask"].sum(dim=1))) > 1
     grouped = reward.grouped_rewards(model, enc, "fp32")
     grouped.sum().backward()
     g_grouped = _grads(model)

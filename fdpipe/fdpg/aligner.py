@@ -188,9 +188,9 @@ class Aligner:
         weight each prompt by its ``Z(c)``. A prompt's self-normalised moment is biased with few
         samples (a rare feature absent from all of a prompt's samples counts 0 whatever λ, so
         λ comes out too large): ``fit_samples_per_prompt`` draws more samples per prompt for
-        the fit than a training step does; batches keep a step's number of rows. Data-parallel, each process samples its share of the
-        prompts and the fit runs on the samples of every process. A moment the samples cannot
-        reach stops here with a `ConfigError` naming it.
+        the fit than a training step does; batches keep a step's number of rows. Data-parallel,
+        each process samples its share of the prompts and the fit runs on the samples of every
+        process. A moment the samples cannot reach stops here with a `ConfigError` naming it.
         """
         if self.target.kind != "distributional" or self.target.lam is not None:
             return

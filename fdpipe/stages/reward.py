@@ -45,7 +45,7 @@ from fdpipe.models.reward_model import STATS_FILE, RewardModel, load_backbone
 from fdpipe.models import lora
 from fdpipe.models.trainable import train_spec
 from fdpipe.training import checkpoint, distributed, guards, optim
-from fdpipe.training.batches import batches_per_epoch, length_bucketed_batches, length_groups, micro_batches
+from fdpipe.training.batches import batches_per_epoch, length_bucketed_batches, micro_batches, padded_groups
 from fdpipe.training.distributed import World
 
 log = logging.getLogger("fdpipe.reward")
@@ -211,15 +211,13 @@ def heldout_metrics(scorer: RewardModel, val: pd.DataFrame, ratings: pd.DataFram
 
 def grouped_rewards(model, enc, precision: str) -> torch.Tensor:
     """Rewards of the encoded texts (rows of `enc`), computed in groups of rows of similar
-    length, each cut to the columns its rows use (`length_groups`; padding sits at one end of
-    every row): the same rewards as one padded forward, with less work on pad tokens."""
-    mask = enc["attention_mask"]
+    length, each cut to the columns its rows use (`padded_groups`): the same rewards as one
+    padded forward, with less work on pad tokens."""
+    device = enc["attention_mask"].device
     out, rows_in_order = [], []
-    for rows in length_groups(mask.sum(dim=1)):
-        rows = rows.to(mask.device)
-        used = mask[rows].any(dim=0)
-        with precisions.autocast(precision, mask.device):
-            out.append(model(**{key: value[rows][:, used] for key, value in enc.items()}).logits[:, 0].float())
+    for rows, part in padded_groups(enc):
+        with precisions.autocast(precision, device):
+            out.append(model(**part).logits[:, 0].float())
         rows_in_order.append(rows)
     order = torch.argsort(torch.cat(rows_in_order))
     return torch.cat(out)[order]

@@ -39,7 +39,7 @@ from fdpipe.models.causal_lm import load_causal_lm, load_tokenizer
 from fdpipe.models.trainable import eval_mode, train_spec
 from fdpipe.training import checkpoint, distributed, guards, optim
 from fdpipe.models import precision as precisions
-from fdpipe.training.batches import epoch_batches, length_groups
+from fdpipe.training.batches import epoch_batches, padded_groups
 from fdpipe.training.distributed import World
 
 log = logging.getLogger("fdpipe.sft")
@@ -176,15 +176,9 @@ def validation_loss(model, batches, device, world: World = World(), precision: s
 
 
 def row_groups(batch: dict, max_rows: int | None = None) -> list[dict]:
-    """The batch's rows in groups of similar length (`length_groups`, at most `max_rows` rows
-    each), every group cut to the columns its rows use: the same tokens with less padding.
-    Padding sits at one end of every row, so the used columns are one contiguous range."""
-    mask = batch["attention_mask"]
-    parts = []
-    for rows in length_groups(mask.sum(dim=1), max_rows):
-        used = mask[rows].any(dim=0)
-        parts.append({key: value[rows][:, used] for key, value in batch.items()})
-    return parts
+    """The batch's rows in groups of similar length, at most `max_rows` rows each, every group
+    cut to the columns its rows use (`padded_groups`): the same tokens with less padding."""
+    return [part for _, part in padded_groups(batch, max_rows)]
 
 
 def accumulate_gradients(model, batch: dict, micro_batch_size: int | None, precision: str, world: World, *,

@@ -8,8 +8,9 @@ run sees exactly the batches an uninterrupted one would. Two orders are offered:
 * `length_bucketed_batches`: each epoch drops its last incomplete batch, groups examples of
   similar length into batches (less padding) and shuffles the batches.
 
-Inside a batch, `length_groups` cuts the rows into groups of similar length, each padded only
-to its own longest row: the same examples and the same loss, with less work on pad tokens.
+Inside a batch, `length_groups` cuts the rows into groups of similar length and
+`padded_groups` cuts a padded batch accordingly, each group padded only to its own longest
+row: the same examples and the same loss, with less work on pad tokens.
 """
 from __future__ import annotations
 
@@ -95,3 +96,15 @@ def length_groups(lengths, max_rows: int | None = None,
         groups.append(order[cut[j]:j])
         j = cut[j]
     return groups[::-1]
+
+
+def padded_groups(batch, max_rows: int | None = None) -> list[tuple[torch.Tensor, dict]]:
+    """A padded batch (tensors ``[B, T]`` with an ``attention_mask``) in groups of rows of
+    similar length (`length_groups`), each cut to the columns its rows use: padding sits at one
+    end of every row, so they are one contiguous range. Returns (row indices, sub-batch) pairs."""
+    mask = batch["attention_mask"]
+    groups = []
+    for rows in length_groups(mask.sum(dim=1), max_rows):
+        used = mask[rows].any(dim=0)
+        groups.append((rows, {key: value[rows][:, used] for key, value in batch.items()}))
+    return groups
